@@ -1,0 +1,81 @@
+"""What every adapter provides: one MoE layer's routed experts, described as
+fixed-size blobs the core can store, and a way to run them from device slots."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from moe_offload.runtime import LayerRuntime
+
+# Tensors inside a blob start on this boundary, so slot views are aligned
+# for any dtype and for vectorised GPU loads.
+TENSOR_ALIGN = 256
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an expert: where it sits in the expert's blob."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def pack(tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[tuple[TensorSpec, ...], int]:
+    """Lays tensors out back to back, each aligned; returns specs and blob bytes."""
+    specs = []
+    offset = 0
+    for name, shape, dtype in tensors:
+        specs.append(TensorSpec(name, tuple(shape), dtype, offset))
+        offset += math.prod(shape) * dtype.itemsize
+        offset = -(-offset // TENSOR_ALIGN) * TENSOR_ALIGN
+    return tuple(specs), max(offset, 1)
+
+
+def meta_placeholder(param: nn.Parameter) -> nn.Parameter:
+    """A parameter of the same shape and dtype that holds no memory: any use
+    outside moe-offload's forward path fails loudly instead of reading zeros."""
+    return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+
+
+class ExpertBlock(ABC):
+    """The routed experts of one MoE layer, as a module of the model holds them."""
+
+    layout: str = ""
+
+    def __init__(self, name: str, module: nn.Module, num_experts: int, top_k: int) -> None:
+        self.name = name
+        self.module = module
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.specs: tuple[TensorSpec, ...] = ()
+        self.expert_bytes = 0
+
+    @abstractmethod
+    def parameters(self) -> list[nn.Parameter]:
+        """Every parameter that moves to the host tier."""
+
+    @abstractmethod
+    def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """The expert's current tensors (before offloading), one per spec."""
+
+    @abstractmethod
+    def offload(self, runtime: LayerRuntime) -> None:
+        """Frees the module's expert weights and routes its compute through `runtime`."""
+
+    @abstractmethod
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Puts ordinary parameters back; `tensors[spec.name]` stacks every expert's values."""

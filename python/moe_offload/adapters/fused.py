@@ -1,0 +1,136 @@
+"""Experts stored as stacked 3-D parameters behind transformers' experts
+interface (`@use_experts_implementation`): Mixtral, Qwen2-MoE, Qwen3-MoE,
+DeepSeek-V2/V3, OLMoE, GPT-OSS.
+
+Rather than patching forward methods, moe-offload registers its own experts
+implementation, "moe_offload", and points the experts' config at it. The
+implementation runs the same arithmetic as transformers' eager one, expert by
+expert in ascending order, with each expert's weights read from its slot."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import closing
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from moe_offload._core import UnsupportedModelError
+from moe_offload.adapters.base import ExpertBlock, TensorSpec, meta_placeholder, pack
+
+if TYPE_CHECKING:
+    from moe_offload.runtime import LayerRuntime
+
+IMPLEMENTATION = "moe_offload"
+_KNOWN_TENSORS = {
+    "gate_up_proj",
+    "gate_up_proj_bias",
+    "up_proj",
+    "up_proj_bias",
+    "down_proj",
+    "down_proj_bias",
+}
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """The experts-interface decorator leaves these attributes on instances."""
+    return (
+        hasattr(module, "is_transposed")
+        and hasattr(module, "has_gate")
+        and hasattr(module, "config")
+        and isinstance(getattr(module, "down_proj", None), nn.Parameter)
+        and module.down_proj.dim() == 3
+    )
+
+
+class FusedExperts(ExpertBlock):
+    layout = "fused"
+
+    def __init__(self, name: str, module: nn.Module, top_k: int) -> None:
+        num_experts = module.down_proj.shape[0]
+        super().__init__(name, module, num_experts, top_k)
+        if getattr(module, "has_post_expert_norm", False):
+            raise UnsupportedModelError(f"{name}: experts with a post-expert norm are not supported yet")
+        self.names = [n for n, p in module.named_parameters(recurse=False) if p.shape[:1] == (num_experts,)]
+        unknown = set(self.names) - _KNOWN_TENSORS
+        if unknown:
+            raise UnsupportedModelError(f"{name}: unknown expert tensors {sorted(unknown)}")
+        params = [(n, module._parameters[n]) for n in self.names]
+        self.specs, self.expert_bytes = pack([(n, tuple(p.shape[1:]), p.dtype) for n, p in params])
+        self._originals: dict[str, nn.Parameter] = {}
+        self._config_implementation: str | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.module._parameters[n] for n in self.names]
+
+    def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        for spec in self.specs:
+            yield spec, self.module._parameters[spec.name].data[expert]
+
+    def offload(self, runtime: LayerRuntime) -> None:
+        for name in self.names:
+            self._originals[name] = self.module._parameters[name]
+            self.module._parameters[name] = meta_placeholder(self._originals[name])
+        self.module._moe_offload = runtime
+        config = self.module.config
+        self._config_implementation = config._experts_implementation
+        config._experts_implementation = IMPLEMENTATION
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in self.names:
+            original = self._originals.pop(name)
+            original.data = tensors[name]
+            self.module._parameters[name] = original
+        del self.module._moe_offload
+        self.module.config._experts_implementation = self._config_implementation
+
+
+def _project(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool
+) -> torch.Tensor:
+    """The linear map the eager implementation uses for this layout."""
+    if transposed:
+        return x @ weight + bias if bias is not None else x @ weight
+    out = F.linear(x, weight)
+    return out + bias if bias is not None else out
+
+
+def offloaded_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' eager experts arithmetic, with weights from the cache."""
+    runtime: LayerRuntime | None = getattr(self, "_moe_offload", None)
+    if runtime is None:
+        raise UnsupportedModelError(
+            f"{type(self).__name__} uses experts_implementation='{IMPLEMENTATION}' but is not patched; "
+            "call moe_offload.patch(model)"
+        )
+    num_experts = self.down_proj.shape[0]
+    final_hidden_states = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    # One device-to-host copy per layer: the ids of the experts this step uses.
+    hit = [e for e in expert_hit.flatten().tolist() if e < num_experts]
+    transposed = self.is_transposed
+    with closing(runtime.experts(hit)) as ready:
+        for expert, w in ready:
+            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            current_state = hidden_states[token_idx]
+            if self.has_gate:
+                gate_up = _project(current_state, w["gate_up_proj"], w.get("gate_up_proj_bias"), transposed)
+                current = self._apply_gate(gate_up)
+            else:
+                current = self.act_fn(
+                    _project(current_state, w["up_proj"], w.get("up_proj_bias"), transposed)
+                )
+            current = _project(current, w["down_proj"], w.get("down_proj_bias"), transposed)
+            current = current * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+    return final_hidden_states
+
+
+ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)

@@ -1,0 +1,253 @@
+"""`patch` / `unpatch` and the `Offloader` object `patch` returns."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_offload._core import (
+    BudgetError,
+    ExpertCache,
+    MoeOffloadError,
+    PatchStateError,
+    UnsupportedModelError,
+)
+from moe_offload.adapters import SUPPORTED_FAMILIES, ExpertBlock, TensorSpec, find_expert_blocks
+from moe_offload.progress import progress
+from moe_offload.runtime import LayerRuntime, SlotPool
+from moe_offload.sizes import format_size, parse_size
+
+log = logging.getLogger("moe_offload")
+
+_ATTR = "_moe_offload_offloader"
+SLOT_ALIGN = 4096
+POLICIES = ("lru",)
+
+
+class Offloader:
+    """A patched model's expert cache: statistics and the way back (`unpatch`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[ExpertBlock],
+        cache: ExpertCache,
+        pool: SlotPool,
+        budget_bytes: int,
+        policy: str,
+    ) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.cache = cache
+        self.pool = pool
+        self.device = pool.device
+        self.budget_bytes = budget_bytes
+        self.policy = policy
+
+    @property
+    def n_slots(self) -> int:
+        return self.pool.n_slots
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.pool.slot_bytes
+
+    def stats(self) -> dict[str, Any]:
+        """Cache statistics since patching or the last `reset_stats()`."""
+        stats: dict[str, Any] = dict(self.cache.stats())
+        fetches = stats["hits"] + stats["misses"]
+        stats["hit_rate"] = stats["hits"] / fetches if fetches else 0.0
+        stats["slots"] = self.n_slots
+        stats["slot_bytes"] = self.slot_bytes
+        stats["moe_layers"] = len(self.blocks)
+        stats["backend"] = self.cache.backend
+        return stats
+
+    def reset_stats(self) -> None:
+        self.cache.reset_stats()
+
+    def unpatch(self) -> None:
+        unpatch(self.model)
+
+    def __repr__(self) -> str:
+        return (
+            f"Offloader({len(self.blocks)} MoE layers, {self.n_slots} slots of "
+            f"{format_size(self.slot_bytes)} on {self.device}, policy={self.policy!r})"
+        )
+
+
+def patch(
+    model: nn.Module,
+    device: str | torch.device | None = None,
+    device_budget: int | str | None = None,
+    *,
+    policy: str = "lru",
+    copy_workers: int = 1,
+    show_progress: bool | None = None,
+) -> Offloader:
+    """Offload `model`'s routed experts: their weights move into the core's
+    host tier (pinned when `device` is CUDA), every other weight moves to
+    `device`, and each MoE layer runs its experts from a fixed pool of device
+    slots holding `device_budget` bytes.
+
+    `device` defaults to where the model's non-expert weights are;
+    `device_budget` (bytes or a size string like "8GiB") defaults to every
+    expert on CPU, and on CUDA to what fits in 90% of free device memory.
+    Raises `BudgetError` when the budget cannot hold one token's top-k experts
+    of one layer, `UnsupportedModelError` when the model has no MoE block moe-offload
+    knows, `PatchStateError` when the model is already patched."""
+    if getattr(model, _ATTR, None) is not None:
+        raise PatchStateError("this model is already patched; call moe_offload.unpatch(model) first")
+    if policy not in POLICIES:
+        raise MoeOffloadError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    blocks = find_expert_blocks(model)
+    if not blocks:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no MoE block moe-offload can offload. "
+            f"Supported families: {', '.join(SUPPORTED_FAMILIES)}."
+        )
+    target = _resolve_device(model, blocks, device)
+    slot_bytes = -(-max(b.expert_bytes for b in blocks) // SLOT_ALIGN) * SLOT_ALIGN
+    budget = _budget(device_budget, blocks, slot_bytes, target)
+    n_slots = min(budget // slot_bytes, sum(b.num_experts for b in blocks))
+    pool = SlotPool(target, slot_bytes, n_slots)
+    cache = ExpertCache(
+        layers=[(b.num_experts, b.expert_bytes) for b in blocks],
+        pool_address=pool.memory.data_ptr(),
+        pool_owner=pool.memory,
+        slot_bytes=slot_bytes,
+        n_slots=n_slots,
+        device=_core_device(target),
+        copy_workers=copy_workers,
+        policy=policy,
+        budget_bytes=budget,
+    )
+    _fill_host_tier(cache, blocks, show_progress)
+    # Nothing in the model has changed so far; from here on, undo on failure.
+    offloaded: list[ExpertBlock] = []
+    try:
+        for layer, block in enumerate(blocks):
+            block.offload(LayerRuntime(cache, layer, pool, block.specs))
+            offloaded.append(block)
+        _move_non_experts(model, target)
+    except BaseException:
+        _restore(cache, offloaded, target)
+        raise
+    offloader = Offloader(model, blocks, cache, pool, budget, policy)
+    object.__setattr__(model, _ATTR, offloader)
+    log.info("moe-offload: %r (host tier pinned: %s)", offloader, cache.host_pinned)
+    return offloader
+
+
+def unpatch(model: nn.Module) -> None:
+    """Gives `model` back its ordinary expert parameters (the same parameter
+    objects, with identical values, on the device the rest of the model is on)."""
+    offloader: Offloader | None = getattr(model, _ATTR, None)
+    if offloader is None:
+        raise PatchStateError("this model is not patched by moe-offload; there is nothing to unpatch")
+    _restore(offloader.cache, offloader.blocks, offloader.device)
+    object.__delattr__(model, _ATTR)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def _resolve_device(
+    model: nn.Module, blocks: list[ExpertBlock], device: str | torch.device | None
+) -> torch.device:
+    if device is None:
+        expert_params = {id(p) for b in blocks for p in b.parameters()}
+        others = [p.device for p in model.parameters() if id(p) not in expert_params and not p.is_meta]
+        target = others[0] if others else torch.device("cpu")
+    else:
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise MoeOffloadError(f"device={device!r} is not a device: {e}") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoeOffloadError(f"device={str(target)!r} was asked for but torch sees no CUDA device")
+        if target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+    elif target.type != "cpu":
+        raise MoeOffloadError(f"device={str(target)!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return target
+
+
+def _core_device(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else f"cuda:{device.index}"
+
+
+def _budget(
+    device_budget: int | str | None, blocks: list[ExpertBlock], slot_bytes: int, device: torch.device
+) -> int:
+    """The device budget in bytes, checked against one token's needs."""
+    top_k = max(b.top_k for b in blocks)
+    minimum = top_k * slot_bytes
+    everything = sum(b.num_experts for b in blocks) * slot_bytes
+    if device_budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return max(minimum, min(everything, int(free * 0.9)))
+        return everything
+    budget = parse_size(device_budget, "device_budget")
+    if budget < minimum:
+        raise BudgetError(
+            f"device_budget={format_size(budget)} ({budget} bytes) is below the minimum of "
+            f"{format_size(minimum)} ({minimum} bytes): one token needs its top-{top_k} experts of one MoE "
+            f"layer on the device at once, {format_size(slot_bytes)} each. Raise device_budget to at least "
+            f"{minimum} bytes."
+        )
+    return budget
+
+
+def _fill_host_tier(cache: ExpertCache, blocks: list[ExpertBlock], show_progress: bool | None) -> None:
+    total = sum(b.num_experts * b.expert_bytes for b in blocks)
+    with progress(total, "moving experts to the host tier", show_progress) as bar:
+        for layer, block in enumerate(blocks):
+            for expert in range(block.num_experts):
+                for spec, tensor in block.expert_tensors(expert):
+                    host = _host_copy(block, spec, tensor)
+                    cache.write_expert(layer, expert, spec.offset, host.data_ptr(), spec.nbytes)
+                bar.update(block.expert_bytes)
+
+
+def _host_copy(block: ExpertBlock, spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:
+    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        raise UnsupportedModelError(
+            f"{block.name}: expert tensor {spec.name} is {tuple(tensor.shape)} {tensor.dtype}, "
+            f"expected {spec.shape} {spec.dtype} like the first expert"
+        )
+    if tensor.is_meta:
+        raise MoeOffloadError(
+            f"{block.name}: expert tensor {spec.name} has no data (meta device); load the weights first"
+        )
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _move_non_experts(model: nn.Module, device: torch.device) -> None:
+    """Moves every parameter and buffer that still holds data to `device`;
+    offloaded experts are meta placeholders by now and stay put."""
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None and not param.is_meta and param.device != device:
+                    param.data = param.data.to(device)
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta and buffer.device != device:
+                    module._buffers[name] = buffer.to(device)
+
+
+def _restore(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
+    for layer, block in enumerate(blocks):
+        tensors: dict[str, torch.Tensor] = {}
+        for spec in block.specs:
+            stacked = torch.empty((block.num_experts, *spec.shape), dtype=spec.dtype)
+            for expert in range(block.num_experts):
+                cache.read_expert(layer, expert, spec.offset, stacked[expert].data_ptr(), spec.nbytes)
+            tensors[spec.name] = stacked.to(device)
+        block.restore(tensors)

@@ -1,0 +1,424 @@
+//! [`ExpertCache`]: the host tier, the device slot pool, the eviction policy,
+//! the prefetch queue and the copy workers behind one fetch / wait / release
+//! protocol:
+//!
+//! 1. `fetch(layer, experts)` pins a slot for each expert (a hit, or a miss
+//!    whose copy is queued on demand) and returns the slots.
+//! 2. `wait(layer, expert, stream)` returns once that slot may be read on
+//!    `stream` (host: the copy is done; CUDA: `stream` waits on its event).
+//! 3. `release(layer, experts, stream)` unpins; on CUDA the slot is not
+//!    overwritten before `stream` has passed this point.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use moe_offload_cuda::Context;
+
+use super::{policy_by_name, CachePolicy};
+use crate::copy::{CopyBackend, CudaCopies, WorkerCopier};
+use crate::error::{CoreError, Result};
+use crate::layout::{ExpertId, ExpertLayout};
+use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
+use crate::stats::Stats;
+use crate::tiers::device::{Phase, SlotPool};
+use crate::tiers::host::HostTier;
+
+/// Where the slot pool lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// Host memory: copies are memcpy (no GPU needed).
+    Host,
+    /// Device memory of CUDA device `ordinal`.
+    Cuda { ordinal: i32 },
+}
+
+/// What an [`ExpertCache`] is built from.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Per MoE layer: (experts, bytes of one expert).
+    pub layers: Vec<(u32, usize)>,
+    /// Address of `n_slots * slot_bytes` bytes on `device`, owned by the
+    /// caller and kept alive for the cache's whole life.
+    pub pool_address: u64,
+    pub slot_bytes: usize,
+    pub n_slots: usize,
+    pub device: Device,
+    pub copy_workers: usize,
+    pub policy: String,
+    /// The user's budget, reported in statistics.
+    pub budget_bytes: u64,
+}
+
+struct State {
+    pool: SlotPool,
+    policy: Box<dyn CachePolicy>,
+    stats: Stats,
+    resident_bytes: u64,
+    /// CUDA: slot `i` was released on some stream since its last copy.
+    reader_pending: Vec<bool>,
+}
+
+struct Shared {
+    host: HostTier,
+    state: Mutex<State>,
+    copied: Condvar,
+    queue: PrefetchQueue,
+    backend: CopyBackend,
+}
+
+/// The device expert cache and its copy workers.
+pub struct ExpertCache {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl ExpertCache {
+    pub fn new(config: CacheConfig) -> Result<Self> {
+        let layout = ExpertLayout::new(&config.layers)?;
+        if config.slot_bytes < layout.max_expert_bytes() {
+            return Err(CoreError::InvalidConfig(format!(
+                "slots of {} bytes cannot hold the largest expert ({} bytes)",
+                config.slot_bytes,
+                layout.max_expert_bytes()
+            )));
+        }
+        if config.copy_workers == 0 {
+            return Err(CoreError::InvalidConfig(
+                "at least one copy worker is needed".into(),
+            ));
+        }
+        let context = match config.device {
+            Device::Host => None,
+            Device::Cuda { ordinal } => Some(Context::primary(ordinal)?),
+        };
+        let host = HostTier::new(layout, context.as_ref())?;
+        let backend = match context {
+            None => CopyBackend::Host,
+            Some(ctx) => CopyBackend::Cuda(CudaCopies::new(ctx, config.n_slots)?),
+        };
+        let pool = SlotPool::new(
+            config.pool_address,
+            config.slot_bytes,
+            config.n_slots,
+            host.layout().num_experts(),
+        )?;
+        let mut stats = Stats::default();
+        stats.reset(0);
+        let shared = Arc::new(Shared {
+            host,
+            state: Mutex::new(State {
+                policy: policy_by_name(&config.policy, config.n_slots)?,
+                reader_pending: vec![false; config.n_slots],
+                pool,
+                stats,
+                resident_bytes: 0,
+            }),
+            copied: Condvar::new(),
+            queue: PrefetchQueue::new(),
+            backend,
+        });
+        let workers = (0..config.copy_workers)
+            .map(|i| spawn_worker(Arc::clone(&shared), i))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| CoreError::InvalidConfig(format!("cannot start copy worker: {e}")))?;
+        Ok(Self { shared, workers })
+    }
+
+    pub fn layout(&self) -> &ExpertLayout {
+        self.shared.host.layout()
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self.shared.backend, CopyBackend::Cuda(_))
+    }
+
+    pub fn host_is_pinned(&self) -> bool {
+        self.shared.host.is_pinned()
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.shared.lock().pool.len()
+    }
+
+    /// Copies `src` into expert (layer, expert)'s host blob at `offset`.
+    /// Refused while the expert is in a slot, since a copy worker may be
+    /// reading those bytes.
+    pub fn write_expert(&self, layer: u32, expert: u32, offset: usize, src: &[u8]) -> Result<()> {
+        let id = self.layout().id(layer, expert)?;
+        self.shared.host.check_range(id, offset, src.len())?;
+        // Holding the lock keeps any fetch of this expert out until done.
+        let state = self.shared.lock();
+        if state.pool.lookup(id).is_some() {
+            return Err(CoreError::Protocol(format!(
+                "expert {expert} of layer {layer} is cached on the device; its host bytes cannot change now"
+            )));
+        }
+        // SAFETY: the range is inside the blob (checked above) and no copy
+        // worker reads this blob: it is in no slot, and the lock we hold
+        // keeps it out of any.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr(),
+                self.shared.host.expert_ptr(id).add(offset),
+                src.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies expert (layer, expert)'s host bytes at `offset` into `dst`.
+    pub fn read_expert(
+        &self,
+        layer: u32,
+        expert: u32,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let id = self.layout().id(layer, expert)?;
+        self.shared.host.check_range(id, offset, dst.len())?;
+        // Writers hold the lock; readers may share the bytes with copy workers.
+        let _state = self.shared.lock();
+        // SAFETY: the range is inside the blob, and nobody writes it while
+        // we hold the lock (writes happen only under it).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.shared.host.expert_ptr(id).add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Pins a slot for each expert of `layer`, queueing on-demand copies for
+    /// those not cached. All or nothing: fails without side effects when
+    /// the pool cannot hold them at once.
+    pub fn fetch(&self, layer: u32, experts: &[u32]) -> Result<Vec<u32>> {
+        let ids = self.ids(layer, experts)?;
+        let mut state = self.shared.lock();
+        let missing = ids
+            .iter()
+            .filter(|&&id| state.pool.lookup(id).is_none())
+            .count();
+        let available = state.pool.available();
+        if missing > available {
+            return Err(CoreError::BudgetTooSmall {
+                needed: missing,
+                available,
+                min_bytes: (state.pool.len() - available + missing) * state.pool.slot_bytes(),
+            });
+        }
+        let mut slots = Vec::with_capacity(ids.len());
+        for &id in &ids {
+            let slot = match state.pool.lookup(id) {
+                Some(slot) => {
+                    state.pool.pin(slot);
+                    state.policy.on_access(slot, id);
+                    state.stats.hits += 1;
+                    if state.pool.phase(slot) == &Phase::Queued {
+                        self.shared.queue.promote(id);
+                    }
+                    slot
+                }
+                None => self.admit(&mut state, id),
+            };
+            slots.push(slot);
+        }
+        Ok(slots)
+    }
+
+    /// Gives a missing expert a slot and queues its copy on demand.
+    fn admit(&self, state: &mut State, id: ExpertId) -> u32 {
+        let State { pool, policy, .. } = state;
+        let assignment = pool
+            .assign(id, policy.as_mut())
+            .expect("fetch checked that enough slots are available");
+        if let Some(old) = assignment.evicted {
+            state.stats.evictions += 1;
+            state.resident_bytes -= self.layout().bytes(old) as u64;
+        }
+        state.stats.misses += 1;
+        state.resident_bytes += self.layout().bytes(id) as u64;
+        state.stats.peak_resident_bytes = state.stats.peak_resident_bytes.max(state.resident_bytes);
+        self.shared.queue.push(CopyRequest {
+            expert: id,
+            slot: assignment.slot,
+            urgency: Urgency::OnDemand,
+        });
+        assignment.slot
+    }
+
+    /// Returns once the fetched expert's slot may be read on `stream`.
+    pub fn wait(&self, layer: u32, expert: u32, stream: u64) -> Result<()> {
+        let id = self.layout().id(layer, expert)?;
+        let mut state = self.shared.lock();
+        let slot = self.pinned_slot(&state, layer, expert, id)?;
+        let started = Instant::now();
+        let mut stalled = false;
+        loop {
+            match state.pool.phase(slot) {
+                Phase::Ready => break,
+                Phase::Failed(reason) => {
+                    return Err(CoreError::CopyFailed {
+                        layer,
+                        expert,
+                        reason: reason.clone(),
+                    })
+                }
+                _ => {
+                    stalled = true;
+                    state = self
+                        .shared
+                        .copied
+                        .wait(state)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+        if stalled {
+            state.stats.stall_seconds += started.elapsed().as_secs_f64();
+        }
+        drop(state);
+        if let CopyBackend::Cuda(cuda) = &self.shared.backend {
+            cuda.reader_waits(slot, stream)?;
+        }
+        Ok(())
+    }
+
+    /// Unpins the experts' slots; on CUDA they are not overwritten before
+    /// `stream` passes this point.
+    pub fn release(&self, layer: u32, experts: &[u32], stream: u64) -> Result<()> {
+        let ids = self.ids(layer, experts)?;
+        let mut state = self.shared.lock();
+        for (&id, &expert) in ids.iter().zip(experts) {
+            let slot = self.pinned_slot(&state, layer, expert, id)?;
+            if let CopyBackend::Cuda(cuda) = &self.shared.backend {
+                cuda.reader_done(slot, stream)?;
+                state.reader_pending[slot as usize] = true;
+            }
+            state.pool.unpin(slot)?;
+        }
+        Ok(())
+    }
+
+    /// The slot currently holding (layer, expert), if any.
+    pub fn slot_of(&self, layer: u32, expert: u32) -> Result<Option<u32>> {
+        let id = self.layout().id(layer, expert)?;
+        Ok(self.shared.lock().pool.lookup(id))
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    pub fn reset_stats(&self) {
+        let mut state = self.shared.lock();
+        let resident = state.resident_bytes;
+        state.stats.reset(resident);
+    }
+
+    fn ids(&self, layer: u32, experts: &[u32]) -> Result<Vec<ExpertId>> {
+        let ids = experts
+            .iter()
+            .map(|&e| self.layout().id(layer, e))
+            .collect::<Result<Vec<_>>>()?;
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(CoreError::Protocol(format!(
+                "experts {experts:?} of layer {layer} name one expert twice"
+            )));
+        }
+        Ok(ids)
+    }
+
+    fn pinned_slot(&self, state: &State, layer: u32, expert: u32, id: ExpertId) -> Result<u32> {
+        match state.pool.lookup(id) {
+            Some(slot) if state.pool.pins(slot) > 0 => Ok(slot),
+            _ => Err(CoreError::Protocol(format!(
+                "expert {expert} of layer {layer} was not fetched (or already released)"
+            ))),
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // State transitions complete before any call that could panic, so a
+        // poisoned lock still guards consistent bookkeeping.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One copy worker: take the most urgent request, copy, mark ready.
+    fn serve(&self, copier: &WorkerCopier) {
+        while let Some(request) = self.queue.pop() {
+            let mut state = self.lock();
+            if state.pool.start_copy(request.slot, request.expert).is_err() {
+                continue; // cancelled and reassigned before we got to it
+            }
+            let wait_for_reader = std::mem::take(&mut state.reader_pending[request.slot as usize]);
+            let dst = state.pool.address(request.slot);
+            drop(state);
+            let bytes = self.host.layout().bytes(request.expert);
+            // SAFETY: the host blob is `bytes` long and not written while its
+            // expert holds a slot; the slot is `slot_bytes >= bytes` long and
+            // only this worker writes it while it is in phase Copying.
+            let outcome = unsafe {
+                copier.copy(
+                    &self.backend,
+                    request.slot,
+                    self.host.expert_ptr(request.expert),
+                    dst,
+                    bytes,
+                    wait_for_reader,
+                )
+            };
+            let mut state = self.lock();
+            if outcome.is_ok() {
+                state.stats.copies += 1;
+                state.stats.bytes_to_device += bytes as u64;
+            }
+            state
+                .pool
+                .finish_copy(request.slot, outcome.map_err(|e| e.to_string()));
+            drop(state);
+            self.copied.notify_all();
+        }
+    }
+}
+
+fn spawn_worker(shared: Arc<Shared>, index: usize) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("moe-offload-copy-{index}"))
+        .spawn(
+            move || match WorkerCopier::on_this_thread(&shared.backend) {
+                Ok(copier) => shared.serve(&copier),
+                Err(e) => fail_all(&shared, &e.to_string()),
+            },
+        )
+}
+
+/// A worker that cannot set itself up fails every request it takes, so
+/// waiters get an error instead of hanging.
+fn fail_all(shared: &Shared, reason: &str) {
+    while let Some(request) = shared.queue.pop() {
+        let mut state = shared.lock();
+        if state.pool.start_copy(request.slot, request.expert).is_ok() {
+            state
+                .pool
+                .finish_copy(request.slot, Err(reason.to_string()));
+        }
+        drop(state);
+        shared.copied.notify_all();
+    }
+}
+
+impl Drop for ExpertCache {
+    fn drop(&mut self) {
+        self.shared.queue.close();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}

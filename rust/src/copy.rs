@@ -1,0 +1,115 @@
+//! The copy engine: worker threads that take requests from the prefetch
+//! queue and move expert blobs from the host tier into device slots.
+//!
+//! Host backend: a plain memcpy, complete when the worker marks the slot
+//! ready. CUDA backend: each worker issues `cuMemcpyHtoDAsync` on its own
+//! stream and records the slot's *ready* event; a reader's stream waits on
+//! that event. Before overwriting a slot, the worker's stream waits on the
+//! slot's *free* event, recorded on the reader's stream when it released
+//! the slot, so a copy never clobbers bytes a kernel still reads.
+
+use std::sync::Arc;
+
+use moe_offload_cuda::{copy_host_to_device_async, stream_wait_event, Context, Event, Stream};
+
+use crate::error::Result;
+use crate::tiers::device::SlotId;
+
+/// How bytes reach a slot.
+pub enum CopyBackend {
+    Host,
+    Cuda(CudaCopies),
+}
+
+/// The CUDA side: the device's primary context and one ready/free event
+/// pair per slot, created once.
+pub struct CudaCopies {
+    pub context: Arc<Context>,
+    ready: Vec<Event>,
+    free: Vec<Event>,
+}
+
+impl CudaCopies {
+    pub fn new(context: Arc<Context>, n_slots: usize) -> Result<Self> {
+        let ready = (0..n_slots)
+            .map(|_| Event::new(&context))
+            .collect::<std::result::Result<_, _>>()?;
+        let free = (0..n_slots)
+            .map(|_| Event::new(&context))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Self {
+            context,
+            ready,
+            free,
+        })
+    }
+
+    /// Makes `stream` (a reader's) wait until the slot's copy has landed.
+    pub fn reader_waits(&self, slot: SlotId, stream: u64) -> Result<()> {
+        Ok(stream_wait_event(stream, &self.ready[slot as usize])?)
+    }
+
+    /// The reader on `stream` is done with the slot once `stream` gets here.
+    pub fn reader_done(&self, slot: SlotId, stream: u64) -> Result<()> {
+        Ok(self.free[slot as usize].record(stream)?)
+    }
+}
+
+/// One worker's means to copy: nothing for the host, a stream for CUDA.
+pub enum WorkerCopier {
+    Host,
+    Cuda(Stream),
+}
+
+impl WorkerCopier {
+    /// Set up on the worker thread itself (CUDA needs the context current).
+    pub fn on_this_thread(backend: &CopyBackend) -> Result<Self> {
+        match backend {
+            CopyBackend::Host => Ok(Self::Host),
+            CopyBackend::Cuda(cuda) => {
+                cuda.context.bind_to_current_thread()?;
+                Ok(Self::Cuda(Stream::new(&cuda.context)?))
+            }
+        }
+    }
+
+    /// Copies `bytes` from `src` into slot `slot` at `dst`.
+    ///
+    /// # Safety
+    /// `src` must be valid for `bytes` reads and `dst` for `bytes` writes
+    /// (host memory for the host backend, device memory for CUDA), nobody
+    /// else may write either range until the slot is marked ready, and for
+    /// CUDA `src` must stay valid until the slot's ready event completes.
+    pub unsafe fn copy(
+        &self,
+        backend: &CopyBackend,
+        slot: SlotId,
+        src: *const u8,
+        dst: u64,
+        bytes: usize,
+        wait_for_reader: bool,
+    ) -> Result<()> {
+        match (self, backend) {
+            (Self::Host, _) => {
+                // SAFETY: the caller guarantees both ranges are valid and
+                // unshared; they do not overlap (host tier vs slot pool).
+                unsafe { std::ptr::copy_nonoverlapping(src, dst as *mut u8, bytes) };
+                Ok(())
+            }
+            (Self::Cuda(stream), CopyBackend::Cuda(cuda)) => {
+                if wait_for_reader {
+                    stream_wait_event(stream.raw(), &cuda.free[slot as usize])?;
+                }
+                // SAFETY: the caller guarantees `src` is pinned host memory
+                // valid until the ready event completes and `dst` is device
+                // memory of at least `bytes`.
+                unsafe { copy_host_to_device_async(dst, src, bytes, stream.raw())? };
+                cuda.ready[slot as usize].record(stream.raw())?;
+                Ok(())
+            }
+            (Self::Cuda(_), CopyBackend::Host) => {
+                unreachable!("a CUDA worker always has a CUDA backend")
+            }
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The Python module `moe_offload._core`. The only place that knows Python.
+//!
+//! Ownership across the boundary: tensors never cross it; their addresses
+//! do. The caller of `ExpertCache(...)` passes the slot pool as an address
+//! plus the object that owns that memory (a torch tensor); the cache keeps
+//! a reference to that object for as long as it lives, so the pool cannot
+//! be freed under the copy workers. Addresses given to `write_expert` /
+//! `read_expert` must stay valid for the duration of the call only.
+
+mod errors;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::cache::{CacheConfig, Device, ExpertCache as CoreCache};
+use errors::to_py;
+
+/// The device expert cache with its host tier and copy workers.
+#[pyclass(frozen, module = "moe_offload._core", name = "ExpertCache")]
+struct PyExpertCache {
+    cache: CoreCache,
+    /// Keeps the slot pool's memory alive (see the module doc).
+    _pool_owner: Py<PyAny>,
+    budget_bytes: u64,
+}
+
+#[pymethods]
+impl PyExpertCache {
+    #[new]
+    #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=1, policy="lru", budget_bytes=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        layers: Vec<(u32, usize)>,
+        pool_address: u64,
+        pool_owner: Py<PyAny>,
+        slot_bytes: usize,
+        n_slots: usize,
+        device: &str,
+        copy_workers: usize,
+        policy: &str,
+        budget_bytes: Option<u64>,
+    ) -> PyResult<Self> {
+        let budget_bytes = budget_bytes.unwrap_or((slot_bytes * n_slots) as u64);
+        let config = CacheConfig {
+            layers,
+            pool_address,
+            slot_bytes,
+            n_slots,
+            device: parse_device(device)?,
+            copy_workers,
+            policy: policy.to_string(),
+            budget_bytes,
+        };
+        let cache = py.detach(|| CoreCache::new(config)).map_err(to_py)?;
+        Ok(Self {
+            cache,
+            _pool_owner: pool_owner,
+            budget_bytes,
+        })
+    }
+
+    /// "cuda" or "host": how copies reach the slots.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        if self.cache.is_cuda() {
+            "cuda"
+        } else {
+            "host"
+        }
+    }
+
+    #[getter]
+    fn host_pinned(&self) -> bool {
+        self.cache.host_is_pinned()
+    }
+
+    #[getter]
+    fn n_slots(&self) -> usize {
+        self.cache.n_slots()
+    }
+
+    /// Copies `nbytes` at host address `src` into the expert's host blob.
+    fn write_expert(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        expert: u32,
+        offset: usize,
+        src: usize,
+        nbytes: usize,
+    ) -> PyResult<()> {
+        // SAFETY: the caller guarantees `src` addresses `nbytes` readable
+        // bytes that stay valid for this call (documented in `_core.pyi`).
+        let bytes = unsafe { std::slice::from_raw_parts(src as *const u8, nbytes) };
+        py.detach(|| self.cache.write_expert(layer, expert, offset, bytes))
+            .map_err(to_py)
+    }
+
+    /// Copies the expert's host bytes at `offset` to host address `dst`.
+    fn read_expert(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        expert: u32,
+        offset: usize,
+        dst: usize,
+        nbytes: usize,
+    ) -> PyResult<()> {
+        // SAFETY: the caller guarantees `dst` addresses `nbytes` writable
+        // bytes that nothing else touches during this call.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, nbytes) };
+        py.detach(|| self.cache.read_expert(layer, expert, offset, bytes))
+            .map_err(to_py)
+    }
+
+    /// Pins a slot for each expert; returns the slots in the same order.
+    fn fetch(&self, py: Python<'_>, layer: u32, experts: Vec<u32>) -> PyResult<Vec<u32>> {
+        py.detach(|| self.cache.fetch(layer, &experts))
+            .map_err(to_py)
+    }
+
+    /// Returns once the expert's slot may be read on CUDA stream `stream`
+    /// (ignored by the host backend).
+    #[pyo3(signature = (layer, expert, stream=0))]
+    fn wait(&self, py: Python<'_>, layer: u32, expert: u32, stream: u64) -> PyResult<()> {
+        py.detach(|| self.cache.wait(layer, expert, stream))
+            .map_err(to_py)
+    }
+
+    /// Unpins the experts' slots once `stream` has passed this point.
+    #[pyo3(signature = (layer, experts, stream=0))]
+    fn release(&self, py: Python<'_>, layer: u32, experts: Vec<u32>, stream: u64) -> PyResult<()> {
+        py.detach(|| self.cache.release(layer, &experts, stream))
+            .map_err(to_py)
+    }
+
+    fn slot_of(&self, layer: u32, expert: u32) -> PyResult<Option<u32>> {
+        self.cache.slot_of(layer, expert).map_err(to_py)
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.cache.stats();
+        let d = PyDict::new(py);
+        d.set_item("hits", s.hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("copies", s.copies)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("bytes_to_device", s.bytes_to_device)?;
+        d.set_item("peak_resident_bytes", s.peak_resident_bytes)?;
+        d.set_item("budget_bytes", self.budget_bytes)?;
+        d.set_item("stall_seconds", s.stall_seconds)?;
+        d.set_item("prefetch_hits", s.prefetch_hits)?;
+        d.set_item("prefetch_late", s.prefetch_late)?;
+        d.set_item("prefetch_wasted", s.prefetch_wasted)?;
+        Ok(d)
+    }
+
+    fn reset_stats(&self) {
+        self.cache.reset_stats();
+    }
+}
+
+fn parse_device(device: &str) -> PyResult<Device> {
+    match device {
+        "cpu" | "host" => Ok(Device::Host),
+        "cuda" => Ok(Device::Cuda { ordinal: 0 }),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(ordinal) => Ok(Device::Cuda { ordinal }),
+            None => Err(errors::MoeOffloadError::new_err(format!(
+                "unknown device {other:?}; use \"cpu\", \"cuda\" or \"cuda:N\""
+            ))),
+        },
+    }
+}
+
+/// Whether the CUDA driver library could be loaded, and if not, why.
+#[pyfunction]
+fn cuda_driver_status() -> (bool, String) {
+    match moe_offload_cuda::driver() {
+        Ok(_) => (true, "CUDA driver loaded".to_string()),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyExpertCache>()?;
+    m.add_function(wrap_pyfunction!(cuda_driver_status, m)?)?;
+    errors::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

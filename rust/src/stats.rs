@@ -1,0 +1,36 @@
+//! What the cache did, for users (`offloader.stats()`) and benchmarks.
+
+/// Counters since construction or the last reset.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// Fetches that found the expert already in a slot.
+    pub hits: u64,
+    /// Fetches that had to copy the expert in.
+    pub misses: u64,
+    /// Copies completed into slots.
+    pub copies: u64,
+    /// Experts pushed out of a slot to make room.
+    pub evictions: u64,
+    /// Bytes copied from the host tier into slots.
+    pub bytes_to_device: u64,
+    /// Expert bytes held in slots at the worst moment.
+    pub peak_resident_bytes: u64,
+    /// Seconds the caller spent blocked waiting for copies.
+    pub stall_seconds: f64,
+    /// Needed experts that had already arrived by prefetch.
+    pub prefetch_hits: u64,
+    /// Needed experts whose prefetch was still in flight.
+    pub prefetch_late: u64,
+    /// Prefetched experts evicted without being used.
+    pub prefetch_wasted: u64,
+}
+
+impl Stats {
+    /// Clears the counters; the peak restarts from what is resident now.
+    pub fn reset(&mut self, resident_bytes: u64) {
+        *self = Stats {
+            peak_resident_bytes: resident_bytes,
+            ..Stats::default()
+        };
+    }
+}

@@ -1,0 +1,149 @@
+//! The host tier: one allocation holding every expert's blob at a 4 KiB
+//! aligned offset. Pinned (page-locked, registered with the CUDA driver) when
+//! the device tier is on a GPU, so host-to-device copies are truly async.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::sync::Arc;
+
+use moe_offload_cuda::{Context, PinnedHostBuffer};
+
+use super::{align_up, BLOB_ALIGN};
+use crate::error::{CoreError, Result};
+use crate::layout::{ExpertId, ExpertLayout};
+
+/// Host memory that is either ordinary (page-aligned) or CUDA-pinned.
+enum HostMemory {
+    Plain { ptr: *mut u8, layout: Layout },
+    Pinned(PinnedHostBuffer),
+}
+
+impl HostMemory {
+    fn plain(bytes: usize) -> Result<Self> {
+        let layout = Layout::from_size_align(bytes.max(1), BLOB_ALIGN)
+            .map_err(|e| CoreError::InvalidConfig(format!("host tier of {bytes} bytes: {e}")))?;
+        // SAFETY: `layout` has a non-zero size (at least 1 byte).
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(CoreError::InvalidConfig(format!(
+                "could not allocate {bytes} bytes of host memory for the host tier"
+            )));
+        }
+        Ok(Self::Plain { ptr, layout })
+    }
+
+    fn base(&self) -> *mut u8 {
+        match self {
+            Self::Plain { ptr, .. } => *ptr,
+            Self::Pinned(buffer) => buffer.as_mut_ptr(),
+        }
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        if let Self::Plain { ptr, layout } = self {
+            // SAFETY: `ptr` came from `alloc_zeroed(layout)` and is freed once, here.
+            unsafe { dealloc(*ptr, *layout) };
+        }
+    }
+}
+
+/// Every expert's bytes, addressed by [`ExpertId`].
+///
+/// The tier hands out raw pointers; who may touch which bytes when is the
+/// expert cache's business: an expert's blob is written only while the
+/// expert is in no device slot, and read by copy workers only while it is.
+pub struct HostTier {
+    memory: HostMemory,
+    offsets: Vec<usize>,
+    layout: ExpertLayout,
+}
+
+// SAFETY: the tier owns its allocation outright; concurrent access to the
+// bytes goes through raw pointers whose disjointness the expert cache
+// guarantees (see the type's doc), and the metadata is immutable.
+unsafe impl Send for HostTier {}
+// SAFETY: as for `Send`; `&HostTier` exposes no interior mutability of its own.
+unsafe impl Sync for HostTier {}
+
+impl HostTier {
+    /// Allocates room for every expert of `layout`; pinned in `cuda`'s
+    /// primary context when given.
+    pub fn new(layout: ExpertLayout, cuda: Option<&Arc<Context>>) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(layout.num_experts());
+        let mut total = 0usize;
+        for id in 0..layout.num_experts() as ExpertId {
+            offsets.push(total);
+            total += align_up(layout.bytes(id));
+        }
+        let memory = match cuda {
+            Some(ctx) => HostMemory::Pinned(PinnedHostBuffer::new(ctx, total.max(1))?),
+            None => HostMemory::plain(total)?,
+        };
+        Ok(Self {
+            memory,
+            offsets,
+            layout,
+        })
+    }
+
+    pub fn layout(&self) -> &ExpertLayout {
+        &self.layout
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        matches!(self.memory, HostMemory::Pinned(_))
+    }
+
+    /// Start of an expert's blob.
+    pub fn expert_ptr(&self, id: ExpertId) -> *mut u8 {
+        // SAFETY: offsets[id] lies inside the allocation by construction.
+        unsafe { self.memory.base().add(self.offsets[id as usize]) }
+    }
+
+    /// Checks that `offset..offset + len` lies inside expert `id`'s blob.
+    pub fn check_range(&self, id: ExpertId, offset: usize, len: usize) -> Result<()> {
+        let size = self.layout.bytes(id);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            end => {
+                let (layer, expert) = self.layout.locate(id);
+                Err(CoreError::OutOfBounds {
+                    layer,
+                    expert,
+                    offset,
+                    end: end.unwrap_or(usize::MAX),
+                    size,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_are_aligned_and_disjoint() {
+        let layout = ExpertLayout::new(&[(3, 5000), (2, 10)]).unwrap();
+        let tier = HostTier::new(layout, None).unwrap();
+        assert!(!tier.is_pinned());
+        let mut previous_end = 0usize;
+        for id in 0..5 {
+            let start = tier.expert_ptr(id) as usize - tier.expert_ptr(0) as usize;
+            assert_eq!(tier.expert_ptr(id) as usize % BLOB_ALIGN, 0);
+            assert!(start >= previous_end);
+            previous_end = start + tier.layout().bytes(id);
+        }
+    }
+
+    #[test]
+    fn ranges_outside_a_blob_are_rejected() {
+        let layout = ExpertLayout::new(&[(2, 100)]).unwrap();
+        let tier = HostTier::new(layout, None).unwrap();
+        assert!(tier.check_range(1, 0, 100).is_ok());
+        assert!(tier.check_range(1, 50, 51).is_err());
+        assert!(tier.check_range(0, usize::MAX, 2).is_err());
+    }
+}
