@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import torch
+
 from moe_offload import _core
 
 EXPERT_BYTES = 1 << 20

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+
 from moe_offload import BudgetError, MoeOffloadError, _core
 
 

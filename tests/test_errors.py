@@ -3,12 +3,13 @@ leaves the model as it was."""
 
 from __future__ import annotations
 
-import moe_offload
 import pytest
 import torch
 import transformers as tf
-from moe_offload import BudgetError, MoeOffloadError, PatchStateError, UnsupportedModelError
 from tiny_models import build, expert_bytes
+
+import moe_offload
+from moe_offload import BudgetError, MoeOffloadError, PatchStateError, UnsupportedModelError
 
 
 def test_a_model_without_moe_blocks_is_refused_by_name():

@@ -4,10 +4,11 @@ experts, and unpatching gives the exact parameters back."""
 
 from __future__ import annotations
 
-import moe_offload
 import pytest
 import torch
 from tiny_models import ENCODER_DECODER, FAMILIES, build, expert_bytes, prompt
+
+import moe_offload
 
 NEW_TOKENS = 16
 

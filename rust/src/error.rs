@@ -43,6 +43,9 @@ pub enum CoreError {
         expert: u32,
         reason: String,
     },
+    /// An EAMC file that cannot be used.
+    #[error("EAMC file {path}: {reason}")]
+    EamcFile { path: String, reason: String },
     /// The CUDA driver refused a call or could not be loaded.
     #[error("CUDA: {0}")]
     Cuda(#[from] CudaError),

@@ -23,9 +23,12 @@ pub mod cache;
 pub mod copy;
 pub mod error;
 pub mod layout;
+pub mod planner;
 pub mod queue;
+pub mod replay;
 pub mod stats;
 pub mod tiers;
+pub mod trace;
 
 #[cfg(feature = "python")]
 mod python;

@@ -21,11 +21,13 @@ pub enum Urgency {
     Prefetch(f32),
 }
 
-/// Copy `expert`'s blob from the host tier into `slot`.
+/// Copy `expert`'s blob from the host tier into a slot: the one reserved at
+/// request time (on demand), or one chosen when a worker takes the request
+/// (prefetch), so a prefetch that a new plan drops never evicted anything.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CopyRequest {
     pub expert: ExpertId,
-    pub slot: SlotId,
+    pub slot: Option<SlotId>,
     pub urgency: Urgency,
 }
 
@@ -197,7 +199,7 @@ mod tests {
     fn prefetch(expert: ExpertId, score: f32) -> CopyRequest {
         CopyRequest {
             expert,
-            slot: expert,
+            slot: None,
             urgency: Urgency::Prefetch(score),
         }
     }
@@ -205,7 +207,7 @@ mod tests {
     fn on_demand(expert: ExpertId) -> CopyRequest {
         CopyRequest {
             expert,
-            slot: expert,
+            slot: Some(expert),
             urgency: Urgency::OnDemand,
         }
     }

@@ -3,9 +3,9 @@
 /// Counters since construction or the last reset.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
-    /// Fetches that found the expert already in a slot.
+    /// Fetches that found the expert in a slot, copied and ready.
     pub hits: u64,
-    /// Fetches that had to copy the expert in.
+    /// Fetches that had to wait for a copy (absent, or still in flight).
     pub misses: u64,
     /// Copies completed into slots.
     pub copies: u64,
@@ -23,6 +23,8 @@ pub struct Stats {
     pub prefetch_late: u64,
     /// Prefetched experts evicted without being used.
     pub prefetch_wasted: u64,
+    /// Copies started by prefetch rather than on demand.
+    pub prefetch_copies: u64,
 }
 
 impl Stats {

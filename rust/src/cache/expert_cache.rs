@@ -15,11 +15,12 @@ use std::time::Instant;
 
 use moe_offload_cuda::Context;
 
-use super::{policy_by_name, CachePolicy};
+use super::core::CacheCore;
+use super::policy_by_name;
 use crate::copy::{CopyBackend, CudaCopies, WorkerCopier};
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
-use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
+use crate::queue::PrefetchQueue;
 use crate::stats::Stats;
 use crate::tiers::device::{Phase, SlotPool};
 use crate::tiers::host::HostTier;
@@ -50,18 +51,9 @@ pub struct CacheConfig {
     pub budget_bytes: u64,
 }
 
-struct State {
-    pool: SlotPool,
-    policy: Box<dyn CachePolicy>,
-    stats: Stats,
-    resident_bytes: u64,
-    /// CUDA: slot `i` was released on some stream since its last copy.
-    reader_pending: Vec<bool>,
-}
-
 struct Shared {
     host: HostTier,
-    state: Mutex<State>,
+    state: Mutex<CacheCore>,
     copied: Condvar,
     queue: PrefetchQueue,
     backend: CopyBackend,
@@ -103,17 +95,11 @@ impl ExpertCache {
             config.n_slots,
             host.layout().num_experts(),
         )?;
-        let mut stats = Stats::default();
-        stats.reset(0);
+        let policy = policy_by_name(&config.policy, config.n_slots, host.layout().num_experts())?;
+        let core = CacheCore::new(host.layout().clone(), pool, policy);
         let shared = Arc::new(Shared {
             host,
-            state: Mutex::new(State {
-                policy: policy_by_name(&config.policy, config.n_slots)?,
-                reader_pending: vec![false; config.n_slots],
-                pool,
-                stats,
-                resident_bytes: 0,
-            }),
+            state: Mutex::new(core),
             copied: Condvar::new(),
             queue: PrefetchQueue::new(),
             backend,
@@ -138,7 +124,7 @@ impl ExpertCache {
     }
 
     pub fn n_slots(&self) -> usize {
-        self.shared.lock().pool.len()
+        self.shared.lock().pool().len()
     }
 
     /// Copies `src` into expert (layer, expert)'s host blob at `offset`.
@@ -149,7 +135,7 @@ impl ExpertCache {
         self.shared.host.check_range(id, offset, src.len())?;
         // Holding the lock keeps any fetch of this expert out until done.
         let state = self.shared.lock();
-        if state.pool.lookup(id).is_some() {
+        if state.pool().lookup(id).is_some() {
             return Err(CoreError::Protocol(format!(
                 "expert {expert} of layer {layer} is cached on the device; its host bytes cannot change now"
             )));
@@ -196,68 +182,18 @@ impl ExpertCache {
     /// the pool cannot hold them at once.
     pub fn fetch(&self, layer: u32, experts: &[u32]) -> Result<Vec<u32>> {
         let ids = self.ids(layer, experts)?;
-        let mut state = self.shared.lock();
-        let missing = ids
-            .iter()
-            .filter(|&&id| state.pool.lookup(id).is_none())
-            .count();
-        let available = state.pool.available();
-        if missing > available {
-            return Err(CoreError::BudgetTooSmall {
-                needed: missing,
-                available,
-                min_bytes: (state.pool.len() - available + missing) * state.pool.slot_bytes(),
-            });
-        }
-        let mut slots = Vec::with_capacity(ids.len());
-        for &id in &ids {
-            let slot = match state.pool.lookup(id) {
-                Some(slot) => {
-                    state.pool.pin(slot);
-                    state.policy.on_access(slot, id);
-                    state.stats.hits += 1;
-                    if state.pool.phase(slot) == &Phase::Queued {
-                        self.shared.queue.promote(id);
-                    }
-                    slot
-                }
-                None => self.admit(&mut state, id),
-            };
-            slots.push(slot);
-        }
-        Ok(slots)
-    }
-
-    /// Gives a missing expert a slot and queues its copy on demand.
-    fn admit(&self, state: &mut State, id: ExpertId) -> u32 {
-        let State { pool, policy, .. } = state;
-        let assignment = pool
-            .assign(id, policy.as_mut())
-            .expect("fetch checked that enough slots are available");
-        if let Some(old) = assignment.evicted {
-            state.stats.evictions += 1;
-            state.resident_bytes -= self.layout().bytes(old) as u64;
-        }
-        state.stats.misses += 1;
-        state.resident_bytes += self.layout().bytes(id) as u64;
-        state.stats.peak_resident_bytes = state.stats.peak_resident_bytes.max(state.resident_bytes);
-        self.shared.queue.push(CopyRequest {
-            expert: id,
-            slot: assignment.slot,
-            urgency: Urgency::OnDemand,
-        });
-        assignment.slot
+        self.shared.lock().fetch(&self.shared.queue, &ids)
     }
 
     /// Returns once the fetched expert's slot may be read on `stream`.
     pub fn wait(&self, layer: u32, expert: u32, stream: u64) -> Result<()> {
         let id = self.layout().id(layer, expert)?;
         let mut state = self.shared.lock();
-        let slot = self.pinned_slot(&state, layer, expert, id)?;
+        let slot = state.pinned_slot(id)?;
         let started = Instant::now();
         let mut stalled = false;
         loop {
-            match state.pool.phase(slot) {
+            match state.phase(slot) {
                 Phase::Ready => break,
                 Phase::Failed(reason) => {
                     return Err(CoreError::CopyFailed {
@@ -277,7 +213,7 @@ impl ExpertCache {
             }
         }
         if stalled {
-            state.stats.stall_seconds += started.elapsed().as_secs_f64();
+            state.stats_mut().stall_seconds += started.elapsed().as_secs_f64();
         }
         drop(state);
         if let CopyBackend::Cuda(cuda) = &self.shared.backend {
@@ -291,13 +227,12 @@ impl ExpertCache {
     pub fn release(&self, layer: u32, experts: &[u32], stream: u64) -> Result<()> {
         let ids = self.ids(layer, experts)?;
         let mut state = self.shared.lock();
-        for (&id, &expert) in ids.iter().zip(experts) {
-            let slot = self.pinned_slot(&state, layer, expert, id)?;
+        for &id in &ids {
+            let slot = state.pinned_slot(id)?;
             if let CopyBackend::Cuda(cuda) = &self.shared.backend {
                 cuda.reader_done(slot, stream)?;
-                state.reader_pending[slot as usize] = true;
             }
-            state.pool.unpin(slot)?;
+            state.release(id, self.is_cuda())?;
         }
         Ok(())
     }
@@ -305,17 +240,15 @@ impl ExpertCache {
     /// The slot currently holding (layer, expert), if any.
     pub fn slot_of(&self, layer: u32, expert: u32) -> Result<Option<u32>> {
         let id = self.layout().id(layer, expert)?;
-        Ok(self.shared.lock().pool.lookup(id))
+        Ok(self.shared.lock().pool().lookup(id))
     }
 
     pub fn stats(&self) -> Stats {
-        self.shared.lock().stats.clone()
+        self.shared.lock().stats().clone()
     }
 
     pub fn reset_stats(&self) {
-        let mut state = self.shared.lock();
-        let resident = state.resident_bytes;
-        state.stats.reset(resident);
+        self.shared.lock().reset_stats();
     }
 
     fn ids(&self, layer: u32, experts: &[u32]) -> Result<Vec<ExpertId>> {
@@ -332,19 +265,10 @@ impl ExpertCache {
         }
         Ok(ids)
     }
-
-    fn pinned_slot(&self, state: &State, layer: u32, expert: u32, id: ExpertId) -> Result<u32> {
-        match state.pool.lookup(id) {
-            Some(slot) if state.pool.pins(slot) > 0 => Ok(slot),
-            _ => Err(CoreError::Protocol(format!(
-                "expert {expert} of layer {layer} was not fetched (or already released)"
-            ))),
-        }
-    }
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, CacheCore> {
         // State transitions complete before any call that could panic, so a
         // poisoned lock still guards consistent bookkeeping.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -353,36 +277,25 @@ impl Shared {
     /// One copy worker: take the most urgent request, copy, mark ready.
     fn serve(&self, copier: &WorkerCopier) {
         while let Some(request) = self.queue.pop() {
-            let mut state = self.lock();
-            if state.pool.start_copy(request.slot, request.expert).is_err() {
-                continue; // cancelled and reassigned before we got to it
-            }
-            let wait_for_reader = std::mem::take(&mut state.reader_pending[request.slot as usize]);
-            let dst = state.pool.address(request.slot);
-            drop(state);
-            let bytes = self.host.layout().bytes(request.expert);
-            // SAFETY: the host blob is `bytes` long and not written while its
-            // expert holds a slot; the slot is `slot_bytes >= bytes` long and
-            // only this worker writes it while it is in phase Copying.
+            let Some(job) = self.lock().accept(request) else {
+                continue; // stale: the expert arrived meanwhile, or not worth a slot
+            };
+            let dst = self.lock().pool().address(job.slot);
+            // SAFETY: the host blob is `job.bytes` long and not written while
+            // its expert holds a slot; the slot is at least that long and only
+            // this worker writes it while it is in phase Copying.
             let outcome = unsafe {
                 copier.copy(
                     &self.backend,
-                    request.slot,
-                    self.host.expert_ptr(request.expert),
+                    job.slot,
+                    self.host.expert_ptr(job.expert),
                     dst,
-                    bytes,
-                    wait_for_reader,
+                    job.bytes,
+                    job.wait_for_reader,
                 )
             };
-            let mut state = self.lock();
-            if outcome.is_ok() {
-                state.stats.copies += 1;
-                state.stats.bytes_to_device += bytes as u64;
-            }
-            state
-                .pool
-                .finish_copy(request.slot, outcome.map_err(|e| e.to_string()));
-            drop(state);
+            self.lock()
+                .finish_copy(&job, outcome.map_err(|e| e.to_string()));
             self.copied.notify_all();
         }
     }
@@ -404,10 +317,8 @@ fn spawn_worker(shared: Arc<Shared>, index: usize) -> std::io::Result<JoinHandle
 fn fail_all(shared: &Shared, reason: &str) {
     while let Some(request) = shared.queue.pop() {
         let mut state = shared.lock();
-        if state.pool.start_copy(request.slot, request.expert).is_ok() {
-            state
-                .pool
-                .finish_copy(request.slot, Err(reason.to_string()));
+        if let Some(job) = state.accept(request) {
+            state.finish_copy(&job, Err(reason.to_string()));
         }
         drop(state);
         shared.copied.notify_all();

@@ -46,7 +46,8 @@ pub fn to_py(error: CoreError) -> PyErr {
         | CoreError::UnknownExpert { .. }
         | CoreError::OutOfBounds { .. }
         | CoreError::Protocol(_)
-        | CoreError::InvalidConfig(_) => MoeOffloadError::new_err(message),
+        | CoreError::InvalidConfig(_)
+        | CoreError::EamcFile { .. } => MoeOffloadError::new_err(message),
     }
 }
 

@@ -8,6 +8,7 @@
 //! `read_expert` must stay valid for the duration of the call only.
 
 mod errors;
+mod lab;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -153,6 +154,7 @@ impl PyExpertCache {
         d.set_item("prefetch_hits", s.prefetch_hits)?;
         d.set_item("prefetch_late", s.prefetch_late)?;
         d.set_item("prefetch_wasted", s.prefetch_wasted)?;
+        d.set_item("prefetch_copies", s.prefetch_copies)?;
         Ok(d)
     }
 
@@ -186,6 +188,9 @@ fn cuda_driver_status() -> (bool, String) {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyExpertCache>()?;
+    m.add_class::<lab::PyActivationCollection>()?;
+    m.add_class::<lab::PyMatcher>()?;
+    m.add_function(wrap_pyfunction!(lab::replay, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_status, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -114,22 +114,37 @@ impl SlotPool {
     /// the evictable ones), pinned once, with its copy still to be queued.
     /// `None` when every slot is pinned or mid-copy.
     pub fn assign(&mut self, expert: ExpertId, policy: &mut dyn CachePolicy) -> Option<Assignment> {
+        let slot = self.choose_slot(policy)?;
+        Some(self.install(slot, expert, policy))
+    }
+
+    /// The slot a newcomer would take: an empty one, else the policy's
+    /// victim among the evictable ones (never pinned, never mid-copy).
+    pub fn choose_slot(&self, policy: &mut dyn CachePolicy) -> Option<SlotId> {
+        if let Some(empty) = self.slots.iter().position(|s| s.phase == Phase::Empty) {
+            return Some(empty as SlotId);
+        }
+        let mut candidates = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| is_evictable(s))
+            .map(|(i, s)| (i as SlotId, s.expert.expect("a ready slot holds an expert")));
+        policy.choose_victim(&mut candidates)
+    }
+
+    /// Puts `expert` into `slot` (from [`choose_slot`](Self::choose_slot)),
+    /// evicting its occupant; pinned once, with its copy still to be queued.
+    pub fn install(
+        &mut self,
+        slot: SlotId,
+        expert: ExpertId,
+        policy: &mut dyn CachePolicy,
+    ) -> Assignment {
         debug_assert!(
             self.home[expert as usize].is_none(),
             "expert already has a slot"
         );
-        let slot = match self.slots.iter().position(|s| s.phase == Phase::Empty) {
-            Some(empty) => empty as SlotId,
-            None => {
-                let mut candidates = self
-                    .slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| is_evictable(s))
-                    .map(|(i, s)| (i as SlotId, s.expert.expect("a ready slot holds an expert")));
-                policy.choose_victim(&mut candidates)?
-            }
-        };
         let evicted = self.clear(slot);
         if let Some(old) = evicted {
             policy.on_evict(slot, old);
@@ -140,7 +155,7 @@ impl SlotPool {
         entry.pins = 1;
         self.home[expert as usize] = Some(slot);
         policy.on_insert(slot, expert);
-        Some(Assignment { slot, evicted })
+        Assignment { slot, evicted }
     }
 
     fn clear(&mut self, slot: SlotId) -> Option<ExpertId> {

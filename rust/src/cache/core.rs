@@ -1,0 +1,326 @@
+//! [`CacheCore`]: the cache's bookkeeping without threads or memory — slot
+//! pool, policy, statistics and the rules for admitting copies. The threaded
+//! [`ExpertCache`](super::ExpertCache) runs it under a mutex with real copy
+//! workers; the trace replay runs it on a simulated clock. Same decisions,
+//! one implementation.
+
+use super::CachePolicy;
+use crate::error::{CoreError, Result};
+use crate::layout::{ExpertId, ExpertLayout};
+use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
+use crate::stats::Stats;
+use crate::tiers::device::{Phase, SlotId, SlotPool};
+
+/// A copy a worker must perform now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CopyJob {
+    pub expert: ExpertId,
+    pub slot: SlotId,
+    pub bytes: usize,
+    /// The slot was read since its last copy: wait for that reader first.
+    pub wait_for_reader: bool,
+}
+
+pub struct CacheCore {
+    layout: ExpertLayout,
+    pool: SlotPool,
+    policy: Box<dyn CachePolicy>,
+    stats: Stats,
+    resident_bytes: u64,
+    reader_pending: Vec<bool>,
+    /// The slot's expert arrived by prefetch and has not been used yet.
+    prefetched: Vec<bool>,
+}
+
+impl CacheCore {
+    pub fn new(layout: ExpertLayout, pool: SlotPool, policy: Box<dyn CachePolicy>) -> Self {
+        let n = pool.len();
+        Self {
+            layout,
+            pool,
+            policy,
+            stats: Stats::default(),
+            resident_bytes: 0,
+            reader_pending: vec![false; n],
+            prefetched: vec![false; n],
+        }
+    }
+
+    pub fn layout(&self) -> &ExpertLayout {
+        &self.layout
+    }
+
+    pub fn pool(&self) -> &SlotPool {
+        &self.pool
+    }
+
+    pub fn policy(&self) -> &dyn CachePolicy {
+        self.policy.as_ref()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn reset_stats(&mut self) {
+        self.stats.reset(self.resident_bytes);
+    }
+
+    pub fn stats_mut(&mut self) -> &mut Stats {
+        &mut self.stats
+    }
+
+    /// Pins a slot for each expert, queueing on-demand copies for those not
+    /// cached. All or nothing: fails without side effects when the pool
+    /// cannot hold them at once.
+    pub fn fetch(&mut self, queue: &PrefetchQueue, ids: &[ExpertId]) -> Result<Vec<SlotId>> {
+        let missing = ids
+            .iter()
+            .filter(|&&id| self.pool.lookup(id).is_none())
+            .count();
+        let available = self.pool.available();
+        if missing > available {
+            return Err(CoreError::BudgetTooSmall {
+                needed: missing,
+                available,
+                min_bytes: (self.pool.len() - available + missing) * self.pool.slot_bytes(),
+            });
+        }
+        let mut slots = Vec::with_capacity(ids.len());
+        for &id in ids {
+            let slot = match self.pool.lookup(id) {
+                Some(slot) => self.reuse(queue, slot, id),
+                None => self.admit_on_demand(queue, id),
+            };
+            slots.push(slot);
+        }
+        Ok(slots)
+    }
+
+    fn reuse(&mut self, queue: &PrefetchQueue, slot: SlotId, id: ExpertId) -> SlotId {
+        self.pool.pin(slot);
+        self.policy.on_access(slot, id);
+        let by_prefetch = std::mem::take(&mut self.prefetched[slot as usize]);
+        if self.pool.phase(slot) == &Phase::Ready {
+            self.stats.hits += 1;
+            self.stats.prefetch_hits += u64::from(by_prefetch);
+        } else {
+            self.stats.misses += 1;
+            self.stats.prefetch_late += u64::from(by_prefetch);
+            if self.pool.phase(slot) == &Phase::Queued {
+                queue.promote(id);
+            }
+        }
+        slot
+    }
+
+    fn admit_on_demand(&mut self, queue: &PrefetchQueue, id: ExpertId) -> SlotId {
+        let slot = self
+            .pool
+            .choose_slot(self.policy.as_mut())
+            .expect("fetch checked that enough slots are available");
+        self.install(slot, id);
+        self.stats.misses += 1;
+        queue.push(CopyRequest {
+            expert: id,
+            slot: Some(slot),
+            urgency: Urgency::OnDemand,
+        });
+        slot
+    }
+
+    fn install(&mut self, slot: SlotId, id: ExpertId) {
+        let assignment = self.pool.install(slot, id, self.policy.as_mut());
+        if let Some(old) = assignment.evicted {
+            self.stats.evictions += 1;
+            self.resident_bytes -= self.layout.bytes(old) as u64;
+            if std::mem::take(&mut self.prefetched[slot as usize]) {
+                self.stats.prefetch_wasted += 1;
+            }
+        }
+        self.resident_bytes += self.layout.bytes(id) as u64;
+        self.stats.peak_resident_bytes = self.stats.peak_resident_bytes.max(self.resident_bytes);
+    }
+
+    /// A new plan: the policy learns the scores, the queue's stale
+    /// prefetches are dropped, and the first `depth` experts of `prefetch`
+    /// (best first) that are not cached are queued.
+    pub fn plan(
+        &mut self,
+        queue: &PrefetchQueue,
+        scores: &[f32],
+        prefetch: &[(ExpertId, f32)],
+        depth: usize,
+    ) {
+        self.policy.on_plan(scores);
+        queue.remove_if(|r| matches!(r.urgency, Urgency::Prefetch(_)));
+        if !self.policy.prefetches() {
+            return;
+        }
+        let missing = prefetch
+            .iter()
+            .filter(|(e, _)| self.pool.lookup(*e).is_none());
+        for &(expert, score) in missing.take(depth) {
+            {
+                queue.push(CopyRequest {
+                    expert,
+                    slot: None,
+                    urgency: Urgency::Prefetch(score),
+                });
+            }
+        }
+    }
+
+    /// A worker took `request` from the queue: the copy to perform now, or
+    /// `None` when the request went stale (a prefetch of an expert that has
+    /// arrived meanwhile, or one not worth the expert it would evict).
+    pub fn accept(&mut self, request: CopyRequest) -> Option<CopyJob> {
+        let slot = match (request.slot, request.urgency) {
+            (Some(slot), _) => slot,
+            (None, Urgency::Prefetch(_)) => self.admit_prefetch(request.expert)?,
+            (None, Urgency::OnDemand) => return None,
+        };
+        self.pool.start_copy(slot, request.expert).ok()?;
+        Some(CopyJob {
+            expert: request.expert,
+            slot,
+            bytes: self.layout.bytes(request.expert),
+            wait_for_reader: std::mem::take(&mut self.reader_pending[slot as usize]),
+        })
+    }
+
+    /// A prefetch takes a slot only from an expert the policy values less.
+    fn admit_prefetch(&mut self, expert: ExpertId) -> Option<SlotId> {
+        if self.pool.lookup(expert).is_some() {
+            return None;
+        }
+        let slot = self.pool.choose_slot(self.policy.as_mut())?;
+        if let Some(victim) = self.pool.expert_in(slot) {
+            if self.policy.retention(victim) >= self.policy.retention(expert) {
+                return None;
+            }
+        }
+        self.install(slot, expert);
+        self.pool.unpin(slot).expect("install pins once");
+        self.prefetched[slot as usize] = true;
+        self.stats.prefetch_copies += 1;
+        Some(slot)
+    }
+
+    /// The copy of `job` completed (`Ok`) or failed.
+    pub fn finish_copy(&mut self, job: &CopyJob, outcome: std::result::Result<(), String>) {
+        if outcome.is_ok() {
+            self.stats.copies += 1;
+            self.stats.bytes_to_device += job.bytes as u64;
+        }
+        self.pool.finish_copy(job.slot, outcome);
+    }
+
+    /// The slot of a fetched (pinned) expert, or a protocol error.
+    pub fn pinned_slot(&self, id: ExpertId) -> Result<SlotId> {
+        match self.pool.lookup(id) {
+            Some(slot) if self.pool.pins(slot) > 0 => Ok(slot),
+            _ => {
+                let (layer, expert) = self.layout.locate(id);
+                Err(CoreError::Protocol(format!(
+                    "expert {expert} of layer {layer} was not fetched (or already released)"
+                )))
+            }
+        }
+    }
+
+    /// Unpins a fetched expert; `read` says whether a device stream read it
+    /// (the next copy into the slot must then wait for that reader).
+    pub fn release(&mut self, id: ExpertId, read: bool) -> Result<SlotId> {
+        let slot = self.pinned_slot(id)?;
+        self.reader_pending[slot as usize] |= read;
+        self.pool.unpin(slot)?;
+        Ok(slot)
+    }
+
+    pub fn phase(&self, slot: SlotId) -> &Phase {
+        self.pool.phase(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::activation_aware::ActivationAware;
+    use crate::cache::lru::Lru;
+
+    fn core(n_slots: usize, policy: Box<dyn CachePolicy>) -> CacheCore {
+        let layout = ExpertLayout::new(&[(4, 10), (4, 10)]).unwrap();
+        let pool = SlotPool::new(0, 16, n_slots, 8).unwrap();
+        CacheCore::new(layout, pool, policy)
+    }
+
+    fn complete_all(core: &mut CacheCore, queue: &PrefetchQueue) {
+        while let Some(request) = queue.try_pop() {
+            if let Some(job) = core.accept(request) {
+                core.finish_copy(&job, Ok(()));
+            }
+        }
+    }
+
+    #[test]
+    fn prefetches_count_as_hits_late_or_wasted() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(ActivationAware::new(2, 8)));
+        let mut scores = vec![0.0; 8];
+        scores[5] = 0.9;
+        scores[6] = 0.8;
+        core.plan(&queue, &scores, &[(5, 0.9), (6, 0.8)], 8);
+        complete_all(&mut core, &queue);
+        assert_eq!(core.stats().prefetch_copies, 2);
+        core.fetch(&queue, &[5]).unwrap();
+        core.release(5, false).unwrap();
+        assert_eq!((core.stats().hits, core.stats().prefetch_hits), (1, 1));
+        // A new plan that no longer wants 6: an on-demand miss evicts it unused.
+        scores[6] = 0.0;
+        core.plan(&queue, &scores, &[], 8);
+        core.fetch(&queue, &[0]).unwrap();
+        assert_eq!(core.stats().prefetch_wasted, 1);
+        assert_eq!(core.stats().misses, 1);
+    }
+
+    #[test]
+    fn a_prefetch_never_evicts_a_more_valuable_expert() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(1, Box::new(ActivationAware::new(1, 8)));
+        core.fetch(&queue, &[1]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(1, false).unwrap();
+        let mut scores = vec![0.0; 8];
+        scores[1] = 0.7;
+        core.plan(&queue, &scores, &[(2, 0.5)], 8);
+        complete_all(&mut core, &queue);
+        assert_eq!(
+            core.pool().lookup(1),
+            Some(0),
+            "expert 1 is worth more than the prefetch"
+        );
+        assert_eq!(core.stats().prefetch_copies, 0);
+    }
+
+    #[test]
+    fn demand_only_policies_ignore_prefetch_plans() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(Lru::new(2)));
+        core.plan(&queue, &[0.0; 8], &[(3, 1.0)], 8);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_replan_drops_queued_prefetches_without_evicting() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(1, Box::new(ActivationAware::new(1, 8)));
+        core.fetch(&queue, &[1]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(1, false).unwrap();
+        core.plan(&queue, &[0.0; 8], &[(2, 0.5)], 8);
+        core.plan(&queue, &[0.0; 8], &[], 8);
+        assert!(queue.is_empty());
+        assert_eq!(core.pool().lookup(1), Some(0));
+    }
+}

@@ -1,0 +1,314 @@
+//! The prefetch planner: from what the live requests have routed so far,
+//! predict which experts the layers ahead will use and score them.
+//!
+//! For each live request, the predicted activation share of expert e at an
+//! upcoming layer i blends three sources, each a distribution over the
+//! layer's experts: the request's own activations at i (requests reuse their
+//! experts), its best EAMC matches' activations at i weighted by similarity
+//! (what similar past requests did next), and global frequencies (the
+//! fallback before anything is known). The score discounts that share by
+//! layer distance d = 1..=horizon as (1 - d / (L + 1)), so the next layer
+//! comes first; layers past the last wrap to the next token's first ones.
+
+use crate::error::{CoreError, Result};
+use crate::layout::ExpertId;
+use crate::trace::{ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
+
+/// Tunables, measured with the trace replay.
+#[derive(Debug, Clone)]
+pub struct PlannerConfig {
+    /// EAMC entries blended per prediction.
+    pub matches: usize,
+    pub own_weight: f32,
+    pub eamc_weight: f32,
+    pub global_weight: f32,
+    /// Prefetches queued per plan.
+    pub prefetch_depth: usize,
+    /// Layers ahead that a plan covers (0 = all layers).
+    pub horizon: usize,
+    pub eamc_capacity: usize,
+    pub replacement: Replacement,
+    /// Per-token decay of a request's own activation counts (1 = plain
+    /// counts): recent routing predicts the next token better than old.
+    pub recency: f32,
+    /// How strongly eviction discounts far layers (0 = not at all, 1 = as
+    /// strongly as prefetch ordering does).
+    pub retention_decay: f32,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            matches: 4,
+            own_weight: 0.5,
+            eamc_weight: 0.4,
+            global_weight: 0.1,
+            prefetch_depth: 8,
+            horizon: 0,
+            eamc_capacity: 1000,
+            replacement: Replacement::MostSimilar,
+            recency: 0.9,
+            retention_decay: 0.3,
+        }
+    }
+}
+
+pub type RequestId = usize;
+
+/// A live request: its matcher and its recency-weighted activations.
+#[derive(Clone)]
+struct LiveRequest {
+    matcher: RequestMatcher,
+    recent: Vec<f32>,
+}
+
+pub struct Planner {
+    config: PlannerConfig,
+    eamc: ActivationCollection,
+    live: Vec<Option<LiveRequest>>,
+    global: ActivationMatrix,
+    /// Retention: predicted reuse, mildly discounted by distance.
+    scores: Vec<f32>,
+    /// Prefetch priority: predicted use, discounted by distance.
+    priority: Vec<f32>,
+}
+
+impl Planner {
+    pub fn new(layers: usize, experts: usize, config: PlannerConfig) -> Result<Self> {
+        let eamc =
+            ActivationCollection::new(config.eamc_capacity, layers, experts, config.replacement)?;
+        Self::with_collection(eamc, config)
+    }
+
+    /// A planner that starts from a saved collection.
+    pub fn with_collection(eamc: ActivationCollection, config: PlannerConfig) -> Result<Self> {
+        if config.matches == 0 {
+            return Err(CoreError::InvalidConfig(
+                "the planner needs at least one match".into(),
+            ));
+        }
+        let (layers, experts) = (eamc.layers(), eamc.experts());
+        Ok(Self {
+            config,
+            live: Vec::new(),
+            global: ActivationMatrix::new(layers, experts),
+            scores: vec![0.0; layers * experts],
+            priority: vec![0.0; layers * experts],
+            eamc,
+        })
+    }
+
+    pub fn prefetch_depth(&self) -> usize {
+        self.config.prefetch_depth
+    }
+
+    pub fn collection(&self) -> &ActivationCollection {
+        &self.eamc
+    }
+
+    pub fn begin_request(&mut self) -> RequestId {
+        let matcher = LiveRequest {
+            matcher: RequestMatcher::new(&self.eamc),
+            recent: vec![0.0; self.eamc.layers() * self.eamc.experts()],
+        };
+        match self.live.iter().position(Option::is_none) {
+            Some(free) => {
+                self.live[free] = Some(matcher);
+                free
+            }
+            None => {
+                self.live.push(Some(matcher));
+                self.live.len() - 1
+            }
+        }
+    }
+
+    /// One token of request `id` was routed to `experts` at `layer`.
+    pub fn observe(&mut self, id: RequestId, layer: usize, experts: &[u32]) -> Result<()> {
+        let Some(Some(request)) = self.live.get_mut(id) else {
+            return Err(CoreError::Protocol(format!("request {id} is not live")));
+        };
+        request.matcher.observe(&self.eamc, layer, experts);
+        let n = self.eamc.experts();
+        let row = &mut request.recent[layer * n..(layer + 1) * n];
+        for v in row.iter_mut() {
+            *v *= self.config.recency;
+        }
+        for &e in experts {
+            if let Some(v) = row.get_mut(e as usize) {
+                *v += 1.0;
+            }
+        }
+        self.global.record(layer, experts);
+        Ok(())
+    }
+
+    fn live_mut(&mut self, id: RequestId) -> Result<&mut LiveRequest> {
+        match self.live.get_mut(id) {
+            Some(Some(m)) => Ok(m),
+            _ => Err(CoreError::Protocol(format!("request {id} is not live"))),
+        }
+    }
+
+    /// The request finished: its activation matrix joins the collection.
+    pub fn end_request(&mut self, id: RequestId) -> Result<()> {
+        let matcher = self.live_mut(id)?.matcher.clone();
+        self.live[id] = None;
+        if let Some(&(best, _)) = matcher.best(&self.eamc, 1).first() {
+            self.eamc.note_match(best);
+        }
+        if let Some(index) = self.eamc.insert(matcher.eam())? {
+            for other in self.live.iter_mut().flatten() {
+                other.matcher.refresh_entry(&self.eamc, index);
+            }
+        }
+        Ok(())
+    }
+
+    /// Scores every expert for the layers after `layer` (one retention
+    /// score per expert id, layer-major) and returns them with the
+    /// prefetch candidates, best first.
+    pub fn plan(&mut self, layer: usize) -> (&[f32], Vec<(ExpertId, f32)>) {
+        let (layers, experts) = (self.eamc.layers(), self.eamc.experts());
+        let horizon = if self.config.horizon == 0 {
+            layers
+        } else {
+            self.config.horizon.min(layers)
+        };
+        self.scores.fill(0.0);
+        self.priority.fill(0.0);
+        let mut share = vec![0.0f32; experts];
+        for request in self.live.iter().flatten() {
+            let matches = request.matcher.best(&self.eamc, self.config.matches);
+            for d in 1..=horizon {
+                let target = (layer + d) % layers;
+                let distance = d as f32 / (layers as f32 + 1.0);
+                let (decay, retention_decay) =
+                    (1.0 - distance, 1.0 - self.config.retention_decay * distance);
+                self.predict(request, &matches, target, &mut share);
+                let cells = target * experts..(target + 1) * experts;
+                for ((score, priority), &p) in self.scores[cells.clone()]
+                    .iter_mut()
+                    .zip(&mut self.priority[cells])
+                    .zip(&share)
+                {
+                    *score = score.max(retention_decay * p);
+                    *priority = priority.max(decay * p);
+                }
+            }
+        }
+        let mut best: Vec<(ExpertId, f32)> = self
+            .priority
+            .iter()
+            .enumerate()
+            .filter(|&(_, &s)| s > 0.0)
+            .map(|(id, &s)| (id as ExpertId, s))
+            .collect();
+        // Many of the best are resident already; the cache skips those.
+        let depth = self.config.prefetch_depth * 8;
+        let by_score =
+            |a: &(ExpertId, f32), b: &(ExpertId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if best.len() > depth {
+            best.select_nth_unstable_by(depth, by_score);
+            best.truncate(depth);
+        }
+        best.sort_by(by_score);
+        (&self.scores, best)
+    }
+
+    /// The request's predicted expert shares at `layer` (sums to <= 1).
+    fn predict(
+        &self,
+        request: &LiveRequest,
+        matches: &[(usize, f32)],
+        layer: usize,
+        share: &mut [f32],
+    ) {
+        share.fill(0.0);
+        let mut weight = 0.0;
+        let n = share.len();
+        let own = &request.recent[layer * n..(layer + 1) * n];
+        let own_total: f32 = own.iter().sum();
+        if own_total > 0.0 {
+            let w = self.config.own_weight / own_total;
+            for (s, &c) in share.iter_mut().zip(own) {
+                *s += w * c;
+            }
+            weight += self.config.own_weight;
+        }
+        let similarity: f32 = matches.iter().map(|m| m.1).sum();
+        if similarity > 0.0 {
+            let mut used = 0.0;
+            for &(entry, sim) in matches {
+                let total = self.eamc.row_sum(entry, layer);
+                if total > 0.0 {
+                    let w = self.config.eamc_weight * sim / similarity / total;
+                    for (e, s) in share.iter_mut().enumerate() {
+                        *s += w * self.eamc.value(entry, layer, e);
+                    }
+                    used += sim / similarity;
+                }
+            }
+            weight += self.config.eamc_weight * used;
+        }
+        let global = self.global.row(layer);
+        let global_total: u32 = global.iter().sum();
+        if global_total > 0 {
+            let w = self.config.global_weight / global_total as f32;
+            for (s, &c) in share.iter_mut().zip(global) {
+                *s += w * c as f32;
+            }
+            weight += self.config.global_weight;
+        }
+        if weight > 0.0 {
+            for s in share.iter_mut() {
+                *s /= weight;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predicts_a_requests_own_experts_next_layer_first() {
+        let config = PlannerConfig {
+            prefetch_depth: 3,
+            ..PlannerConfig::default()
+        };
+        let mut planner = Planner::new(3, 4, config).unwrap();
+        let r = planner.begin_request();
+        for _ in 0..3 {
+            planner.observe(r, 0, &[0, 1]).unwrap();
+            planner.observe(r, 1, &[2, 3]).unwrap();
+            planner.observe(r, 2, &[1, 2]).unwrap();
+        }
+        let (scores, best) = planner.plan(0);
+        // Layer 1 (distance 1) outranks layer 2 (distance 2).
+        assert!(scores[4 + 2] > scores[8 + 1]);
+        assert_eq!(best[0].0, 4 + 2);
+        assert!(best.len() >= 3);
+        assert_eq!(scores[4], 0.0, "never-used experts score nothing");
+    }
+
+    #[test]
+    fn finished_requests_inform_new_ones() {
+        let mut planner = Planner::new(2, 4, PlannerConfig::default()).unwrap();
+        let past = planner.begin_request();
+        for _ in 0..4 {
+            planner.observe(past, 0, &[0]).unwrap();
+            planner.observe(past, 1, &[3]).unwrap();
+        }
+        planner.end_request(past).unwrap();
+        assert_eq!(planner.collection().len(), 1);
+        let now = planner.begin_request();
+        planner.observe(now, 0, &[0]).unwrap();
+        let (scores, _) = planner.plan(0);
+        // Layer 1 unseen by this request: the match and global counts say 3.
+        assert!(scores[4 + 3] > 0.0);
+        assert!(scores[4 + 3] > scores[4]);
+        assert!(planner.end_request(99).is_err());
+    }
+}

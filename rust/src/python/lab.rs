@@ -1,0 +1,240 @@
+//! Bindings for the policy lab: trace replay and the EAMC with its matcher.
+//!
+//! Routing crosses the boundary as (tokens, address, length) of C-contiguous
+//! uint32 arrays that the caller keeps alive for the duration of the call.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::to_py;
+use crate::planner::PlannerConfig;
+use crate::replay::{replay as run_replay, ReplayConfig, Routing};
+use crate::trace::{ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
+
+type RawRouting = (usize, usize, usize);
+
+fn routings(raw: &[RawRouting]) -> Vec<Routing<'_>> {
+    raw.iter()
+        .map(|&(tokens, address, len)| Routing {
+            tokens,
+            // SAFETY: the caller passes the address of `len` contiguous u32
+            // values that stay alive and unchanged for this call (see the
+            // module doc); an empty array may have any address.
+            ids: if len == 0 {
+                &[]
+            } else {
+                unsafe { std::slice::from_raw_parts(address as *const u32, len) }
+            },
+        })
+        .collect()
+}
+
+/// Replays routing through the cache core under one policy on a simulated clock.
+#[pyfunction]
+#[pyo3(signature = (policy, requests, warmup, *, layers, experts, top_k, slots, expert_bytes,
+    bandwidth_bytes_per_s, layer_compute_s, prefetch_depth=8, matches=4, own_weight=0.5,
+    eamc_weight=0.4, global_weight=0.1, eamc_capacity=1000, replacement="most-similar",
+    recency=0.9, retention_decay=0.3))]
+#[allow(clippy::too_many_arguments)]
+pub fn replay<'py>(
+    py: Python<'py>,
+    policy: &str,
+    requests: Vec<RawRouting>,
+    warmup: Vec<RawRouting>,
+    layers: usize,
+    experts: usize,
+    top_k: usize,
+    slots: usize,
+    expert_bytes: u64,
+    bandwidth_bytes_per_s: f64,
+    layer_compute_s: f64,
+    prefetch_depth: usize,
+    matches: usize,
+    own_weight: f32,
+    eamc_weight: f32,
+    global_weight: f32,
+    eamc_capacity: usize,
+    replacement: &str,
+    recency: f32,
+    retention_decay: f32,
+) -> PyResult<Bound<'py, PyDict>> {
+    let config = ReplayConfig {
+        layers,
+        experts,
+        top_k,
+        slots,
+        expert_bytes,
+        bandwidth_bytes_per_s,
+        layer_compute_s,
+        planner: PlannerConfig {
+            matches,
+            own_weight,
+            eamc_weight,
+            global_weight,
+            prefetch_depth,
+            horizon: 0,
+            eamc_capacity,
+            replacement: Replacement::parse(replacement).map_err(to_py)?,
+            recency,
+            retention_decay,
+        },
+    };
+    let report = py
+        .detach(|| run_replay(policy, &config, &routings(&requests), &routings(&warmup)))
+        .map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("tokens", report.tokens)?;
+    d.set_item("accesses", report.accesses)?;
+    d.set_item("hits", report.hits)?;
+    d.set_item("misses", report.misses)?;
+    d.set_item("prefetch_hits", report.prefetch_hits)?;
+    d.set_item("prefetch_late", report.prefetch_late)?;
+    d.set_item("prefetch_wasted", report.prefetch_wasted)?;
+    d.set_item("prefetch_copies", report.prefetch_copies)?;
+    d.set_item("copies", report.copies)?;
+    d.set_item("bytes_moved", report.bytes_moved)?;
+    d.set_item("stall_s", report.stall_s)?;
+    d.set_item("total_s", report.total_s)?;
+    d.set_item("resident_s", report.resident_s)?;
+    Ok(d)
+}
+
+/// The expert activation matrix collection (EAMC).
+#[pyclass(frozen, module = "moe_offload._core", name = "ActivationCollection")]
+pub struct PyActivationCollection {
+    inner: Arc<RwLock<ActivationCollection>>,
+}
+
+fn matrix(eamc: &ActivationCollection, counts: Vec<u32>) -> PyResult<ActivationMatrix> {
+    let (layers, experts) = (eamc.layers(), eamc.experts());
+    let n = counts.len();
+    ActivationMatrix::from_counts(layers, experts, counts).ok_or_else(|| {
+        super::errors::MoeOffloadError::new_err(format!(
+            "{n} counts do not form a {layers}x{experts} activation matrix"
+        ))
+    })
+}
+
+#[pymethods]
+impl PyActivationCollection {
+    #[new]
+    #[pyo3(signature = (capacity, layers, experts, replacement="most-similar"))]
+    fn new(capacity: usize, layers: usize, experts: usize, replacement: &str) -> PyResult<Self> {
+        let rule = Replacement::parse(replacement).map_err(to_py)?;
+        let eamc = ActivationCollection::new(capacity, layers, experts, rule).map_err(to_py)?;
+        Ok(Self {
+            inner: Arc::new(RwLock::new(eamc)),
+        })
+    }
+
+    /// Reads a saved collection; a missing, truncated, corrupt or foreign
+    /// file raises MoeOffloadError naming it.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let eamc = py
+            .detach(|| ActivationCollection::load(&path))
+            .map_err(to_py)?;
+        Ok(Self {
+            inner: Arc::new(RwLock::new(eamc)),
+        })
+    }
+
+    /// Writes the collection atomically (temporary file, then rename).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let eamc = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        py.detach(|| eamc.save(&path)).map_err(to_py)
+    }
+
+    /// Adds a finished request's row-major L×E counts; returns the entry
+    /// index used, or None for an all-zero matrix.
+    fn insert(&self, counts: Vec<u32>) -> PyResult<Option<usize>> {
+        let mut eamc = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        let m = matrix(&eamc, counts)?;
+        eamc.insert(&m).map_err(to_py)
+    }
+
+    /// Entry `index` as row-major counts.
+    fn entry(&self, index: usize) -> PyResult<Vec<u32>> {
+        let eamc = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        if index >= eamc.len() {
+            return Err(super::errors::MoeOffloadError::new_err(format!(
+                "entry {index} of a collection of {}",
+                eamc.len()
+            )));
+        }
+        Ok(eamc.entry(index).counts().to_vec())
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .capacity()
+    }
+
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        let eamc = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        (eamc.layers(), eamc.experts())
+    }
+
+    /// A live request's incremental matcher against this collection.
+    fn matcher(&self) -> PyMatcher {
+        let eamc = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        PyMatcher {
+            eamc: Arc::clone(&self.inner),
+            matcher: Mutex::new(RequestMatcher::new(&eamc)),
+        }
+    }
+}
+
+/// Cosine similarity of one live request to every EAMC entry, updated
+/// incrementally as the request's tokens are routed.
+#[pyclass(frozen, module = "moe_offload._core", name = "RequestMatcher")]
+pub struct PyMatcher {
+    eamc: Arc<RwLock<ActivationCollection>>,
+    matcher: Mutex<RequestMatcher>,
+}
+
+#[pymethods]
+impl PyMatcher {
+    /// One token's routing at `layer`.
+    fn observe(&self, layer: usize, experts: Vec<u32>) -> PyResult<()> {
+        let eamc = self.eamc.read().unwrap_or_else(|e| e.into_inner());
+        if layer >= eamc.layers() {
+            return Err(super::errors::MoeOffloadError::new_err(format!(
+                "layer {layer} of a {}-layer collection",
+                eamc.layers()
+            )));
+        }
+        self.matcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(&eamc, layer, &experts);
+        Ok(())
+    }
+
+    /// Similarity to every entry, in entry order.
+    fn similarities(&self) -> Vec<f32> {
+        let eamc = self.eamc.read().unwrap_or_else(|e| e.into_inner());
+        let matcher = self.matcher.lock().unwrap_or_else(|e| e.into_inner());
+        (0..eamc.len()).map(|k| matcher.similarity(k)).collect()
+    }
+
+    /// The `n` best entries, best first, as (index, similarity).
+    fn best(&self, n: usize) -> Vec<(usize, f32)> {
+        let eamc = self.eamc.read().unwrap_or_else(|e| e.into_inner());
+        self.matcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .best(&eamc, n)
+    }
+}
