@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,14 +22,14 @@ from moe_offload._core import (
 )
 from moe_offload.adapters import SUPPORTED_FAMILIES, ExpertBlock, TensorSpec, find_expert_blocks
 from moe_offload.progress import progress
-from moe_offload.runtime import LayerRuntime, SlotPool
+from moe_offload.runtime import LayerRuntime, RequestTracker, SlotPool, TraceRecorder
 from moe_offload.sizes import format_size, parse_size
 
 log = logging.getLogger("moe_offload")
 
 _ATTR = "_moe_offload_offloader"
 SLOT_ALIGN = 4096
-POLICIES = ("lru",)
+POLICIES = ("activation-aware", "lru", "lfu", "reference")
 
 
 class Offloader:
@@ -38,6 +43,8 @@ class Offloader:
         pool: SlotPool,
         budget_bytes: int,
         policy: str,
+        tracker: RequestTracker,
+        eamc_path: Path | None,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -46,6 +53,9 @@ class Offloader:
         self.device = pool.device
         self.budget_bytes = budget_bytes
         self.policy = policy
+        self.tracker = tracker
+        self.eamc_path = eamc_path
+        self._hooks: list[Any] = []
 
     @property
     def n_slots(self) -> int:
@@ -69,6 +79,46 @@ class Offloader:
     def reset_stats(self) -> None:
         self.cache.reset_stats()
 
+    def save_eamc(self, path: str | Path | None = None) -> Path:
+        """Writes the EAMC (the activation matrices of finished requests)
+        atomically to `path`, by default the `eamc_path` given to `patch`."""
+        target = Path(path) if path is not None else self.eamc_path
+        if target is None:
+            raise MoeOffloadError("no path to save the EAMC to: pass one, or patch(..., eamc_path=...)")
+        self.tracker.end()
+        self.cache.save_eamc(target)
+        return target
+
+    @property
+    def eamc_size(self) -> int:
+        """Requests in the EAMC."""
+        return self.cache.eamc_len
+
+    @contextmanager
+    def record_trace(self, path: str | Path) -> Iterator[TraceRecorder]:
+        """Records the routing of every request served inside the block and
+        writes it to `path` as a native JSONL trace (for `moe-offload replay`)."""
+        from moe_offload.traces import Request, Trace, write_trace
+
+        fused = [b for b in self.blocks if b.layout == "fused"]
+        if not fused:
+            raise MoeOffloadError("routing is traced for fused-expert families only; this model has none")
+        recorder = TraceRecorder(len(self.blocks))
+        self.tracker.recorder = recorder
+        try:
+            yield recorder
+        finally:
+            self.tracker.recorder = None
+        requests = [Request(f"request-{i}", r) for i, r in enumerate(recorder.requests())]
+        trace = Trace(
+            num_layers=len(self.blocks),
+            num_experts=self.blocks[0].num_experts,
+            top_k=self.blocks[0].top_k,
+            source=type(self.model).__name__,
+            requests=requests,
+        )
+        write_trace(path, trace)
+
     def unpatch(self) -> None:
         unpatch(self.model)
 
@@ -84,7 +134,10 @@ def patch(
     device: str | torch.device | None = None,
     device_budget: int | str | None = None,
     *,
-    policy: str = "lru",
+    policy: str = "activation-aware",
+    eamc_path: str | Path | None = None,
+    eamc_capacity: int = 1000,
+    prefetch_depth: int | None = None,
     copy_workers: int = 1,
     show_progress: bool | None = None,
 ) -> Offloader:
@@ -96,6 +149,10 @@ def patch(
     `device` defaults to where the model's non-expert weights are;
     `device_budget` (bytes or a size string like "8GiB") defaults to every
     expert on CPU, and on CUDA to what fits in 90% of free device memory.
+    `policy` picks the eviction policy ("activation-aware" prefetches from
+    request traces; "lru", "lfu", "reference" fetch on demand). `eamc_path`
+    names the EAMC file: loaded now when it exists, saved by
+    `offloader.save_eamc()`, at `unpatch` and at interpreter exit.
     Raises `BudgetError` when the budget cannot hold one token's top-k experts
     of one layer, `UnsupportedModelError` when the model has no MoE block moe-offload
     knows, `PatchStateError` when the model is already patched."""
@@ -124,19 +181,28 @@ def patch(
         copy_workers=copy_workers,
         policy=policy,
         budget_bytes=budget,
+        eamc_path=None if eamc_path is None else Path(eamc_path),
+        eamc_capacity=eamc_capacity,
+        prefetch_depth=prefetch_depth,
     )
+    tracker = RequestTracker(cache)
     _fill_host_tier(cache, blocks, show_progress)
     # Nothing in the model has changed so far; from here on, undo on failure.
     offloaded: list[ExpertBlock] = []
     try:
         for layer, block in enumerate(blocks):
-            block.offload(LayerRuntime(cache, layer, pool, block.specs))
+            block.offload(LayerRuntime(cache, layer, pool, block.specs, tracker))
             offloaded.append(block)
         _move_non_experts(model, target)
     except BaseException:
         _restore(cache, offloaded, target)
         raise
-    offloader = Offloader(model, blocks, cache, pool, budget, policy)
+    offloader = Offloader(
+        model, blocks, cache, pool, budget, policy, tracker, None if eamc_path is None else Path(eamc_path)
+    )
+    offloader._hooks.append(model.register_forward_pre_hook(_request_hook(tracker), with_kwargs=True))
+    if offloader.eamc_path is not None:
+        atexit.register(_save_at_exit, weakref.ref(offloader))
     object.__setattr__(model, _ATTR, offloader)
     log.info("moe-offload: %r (host tier pinned: %s)", offloader, cache.host_pinned)
     return offloader
@@ -148,12 +214,42 @@ def unpatch(model: nn.Module) -> None:
     offloader: Offloader | None = getattr(model, _ATTR, None)
     if offloader is None:
         raise PatchStateError("this model is not patched by moe-offload; there is nothing to unpatch")
+    for hook in offloader._hooks:
+        hook.remove()
+    if offloader.eamc_path is not None:
+        offloader.save_eamc()
     _restore(offloader.cache, offloader.blocks, offloader.device)
     object.__delattr__(model, _ATTR)
 
 
 def is_patched(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
+
+
+def _request_hook(tracker: RequestTracker) -> Any:
+    """New requests begin with a forward pass that has no cached keys and
+    values (the prefill of `generate`, or a plain call); one per sequence."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
+            return
+        past = kwargs.get("past_key_values")
+        if past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):
+            tracker.begin(tokens.shape[0])
+
+    return hook
+
+
+def _save_at_exit(ref: weakref.ref) -> None:
+    offloader = ref()
+    if offloader is not None and is_patched(offloader.model):
+        try:
+            offloader.save_eamc()
+        except MoeOffloadError as e:
+            log.warning("moe-offload: could not save the EAMC at exit: %s", e)
 
 
 def _resolve_device(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,15 +43,88 @@ class SlotPool:
         return views
 
 
+class RequestTracker:
+    """Which requests the model is serving: one per sequence of the batch,
+    started when a forward pass begins without cached keys and values. Every
+    MoE layer's routing goes to the core (tracing, planning) and, while a
+    recording is on, to the recorder."""
+
+    def __init__(self, cache: ExpertCache) -> None:
+        self.cache = cache
+        self.recorder: TraceRecorder | None = None
+
+    def begin(self, batch: int) -> None:
+        self.cache.begin_requests(batch)
+        if self.recorder is not None:
+            self.recorder.begin(batch)
+
+    def end(self) -> None:
+        self.cache.end_requests()
+        if self.recorder is not None:
+            self.recorder.begin(0)
+
+    def observe(self, layer: int, routing: np.ndarray) -> None:
+        top_k = routing.shape[-1]
+        self.cache.observe(layer, routing.ravel().tolist(), top_k)
+        if self.recorder is not None:
+            self.recorder.observe(layer, routing)
+
+
+class TraceRecorder:
+    """Collects live routing as native trace requests (see `moe_offload.traces`)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.finished: list[np.ndarray] = []
+        self._live: list[list[list[np.ndarray]]] = []
+
+    def begin(self, batch: int) -> None:
+        self._flush()
+        self._live = [[[] for _ in range(self.num_layers)] for _ in range(batch)]
+
+    def observe(self, layer: int, routing: np.ndarray) -> None:
+        if not self._live:
+            self.begin(1)
+        rows = routing.reshape(-1, routing.shape[-1])
+        per_request = rows.shape[0] // len(self._live)
+        for i, request in enumerate(self._live):
+            request[layer].append(rows[i * per_request : (i + 1) * per_request])
+
+    def _flush(self) -> None:
+        for request in self._live:
+            if request and all(request):
+                layers = [np.concatenate(rows) for rows in request]
+                tokens = min(len(rows) for rows in layers)
+                self.finished.append(np.stack([rows[:tokens] for rows in layers], axis=1).astype(np.int32))
+        self._live = []
+
+    def requests(self) -> list[np.ndarray]:
+        """Every request recorded so far, (tokens, layers, top_k) each."""
+        self._flush()
+        return self.finished
+
+
 class LayerRuntime:
     """One MoE layer's access to its experts in the cache."""
 
-    def __init__(self, cache: ExpertCache, layer: int, pool: SlotPool, specs: tuple[TensorSpec, ...]) -> None:
+    def __init__(
+        self,
+        cache: ExpertCache,
+        layer: int,
+        pool: SlotPool,
+        specs: tuple[TensorSpec, ...],
+        tracker: RequestTracker,
+    ) -> None:
         self.cache = cache
+        self.tracker = tracker
         self.layer = layer
         self.device = pool.device
         self.capacity = pool.n_slots
         self.slot_views = pool.views(specs)
+
+    def observe(self, routing: np.ndarray) -> None:
+        """This step's routing at this layer: (tokens, top_k) expert ids."""
+        self.tracker.observe(self.layer, routing)
 
     def _stream(self) -> int:
         if self.device.type == "cuda":

@@ -31,8 +31,8 @@ pub struct PlannerConfig {
     /// Per-token decay of a request's own activation counts (1 = plain
     /// counts): recent routing predicts the next token better than old.
     pub recency: f32,
-    /// How strongly eviction discounts far layers (0 = not at all, 1 = as
-    /// strongly as prefetch ordering does).
+    /// Weight of the per-token reuse term against layer distance in an
+    /// expert's expected distance to its next use (1 = the plain model).
     pub retention_decay: f32,
 }
 
@@ -46,14 +46,18 @@ impl Default for PlannerConfig {
             prefetch_depth: 8,
             horizon: 0,
             eamc_capacity: 1000,
-            replacement: Replacement::MostSimilar,
+            replacement: Replacement::LeastMatched,
             recency: 0.9,
-            retention_decay: 0.3,
+            retention_decay: 1.0,
         }
     }
 }
 
 pub type RequestId = usize;
+
+/// A plan: one retention score per expert id, and the prefetch candidates
+/// best first.
+pub type Plan<'a> = (&'a [f32], Vec<(ExpertId, f32)>);
 
 /// A live request: its matcher and its recency-weighted activations.
 #[derive(Clone)]
@@ -67,6 +71,8 @@ pub struct Planner {
     eamc: ActivationCollection,
     live: Vec<Option<LiveRequest>>,
     global: ActivationMatrix,
+    /// Experts per token per layer, as observed.
+    top_k: usize,
     /// Retention: predicted reuse, mildly discounted by distance.
     scores: Vec<f32>,
     /// Prefetch priority: predicted use, discounted by distance.
@@ -92,6 +98,7 @@ impl Planner {
             config,
             live: Vec::new(),
             global: ActivationMatrix::new(layers, experts),
+            top_k: 1,
             scores: vec![0.0; layers * experts],
             priority: vec![0.0; layers * experts],
             eamc,
@@ -129,6 +136,7 @@ impl Planner {
             return Err(CoreError::Protocol(format!("request {id} is not live")));
         };
         request.matcher.observe(&self.eamc, layer, experts);
+        self.top_k = self.top_k.max(experts.len());
         let n = self.eamc.experts();
         let row = &mut request.recent[layer * n..(layer + 1) * n];
         for v in row.iter_mut() {
@@ -168,7 +176,7 @@ impl Planner {
     /// Scores every expert for the layers after `layer` (one retention
     /// score per expert id, layer-major) and returns them with the
     /// prefetch candidates, best first.
-    pub fn plan(&mut self, layer: usize) -> (&[f32], Vec<(ExpertId, f32)>) {
+    pub fn plan(&mut self, layer: usize) -> Plan<'_> {
         let (layers, experts) = (self.eamc.layers(), self.eamc.experts());
         let horizon = if self.config.horizon == 0 {
             layers
@@ -182,9 +190,7 @@ impl Planner {
             let matches = request.matcher.best(&self.eamc, self.config.matches);
             for d in 1..=horizon {
                 let target = (layer + d) % layers;
-                let distance = d as f32 / (layers as f32 + 1.0);
-                let (decay, retention_decay) =
-                    (1.0 - distance, 1.0 - self.config.retention_decay * distance);
+                let decay = 1.0 - d as f32 / (layers as f32 + 1.0);
                 self.predict(request, &matches, target, &mut share);
                 let cells = target * experts..(target + 1) * experts;
                 for ((score, priority), &p) in self.scores[cells.clone()]
@@ -192,7 +198,13 @@ impl Planner {
                     .zip(&mut self.priority[cells])
                     .zip(&share)
                 {
-                    *score = score.max(retention_decay * p);
+                    *score = score.max(retention(
+                        p,
+                        d,
+                        self.top_k,
+                        layers,
+                        self.config.retention_decay,
+                    ));
                     *priority = priority.max(decay * p);
                 }
             }
@@ -266,6 +278,20 @@ impl Planner {
             }
         }
     }
+}
+
+/// Retention of an expert `d` layers ahead whose predicted share of its
+/// layer's routing is `share`: the inverse of its expected distance to the
+/// next use, in layers. Used with probability p per token, the next use is
+/// d layers away with probability p, else a whole token (L layers) later
+/// and so on: d + L (1 - p) / p. Evicting the largest expected distance is
+/// Belady's rule with predicted distances.
+fn retention(share: f32, d: usize, top_k: usize, layers: usize, reuse_weight: f32) -> f32 {
+    let p = (share * top_k as f32).min(1.0);
+    if p <= 0.0 {
+        return 0.0;
+    }
+    1.0 / (d as f32 + reuse_weight * layers as f32 * (1.0 - p) / p)
 }
 
 #[cfg(test)]

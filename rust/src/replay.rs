@@ -169,7 +169,16 @@ pub fn replay(
                     .iter()
                     .map(|&e| (layer * config.experts) as ExpertId + e),
             );
-            let slots = core.fetch(&queue, &ids)?;
+            let slots = loop {
+                match core.fetch(&queue, &ids) {
+                    // Prefetches in flight hold the slots: let them land.
+                    Err(CoreError::BudgetTooSmall { .. }) if engine.current.is_some() => {
+                        now = now.max(engine.free_at);
+                        engine.run_until(&mut core, &queue, now, now);
+                    }
+                    outcome => break outcome?,
+                }
+            };
             if let Some(id) = id {
                 planner.observe(id, layer, experts)?;
                 let depth = planner.prefetch_depth();

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,9 +113,12 @@ def offloaded_experts_forward(
     final_hidden_states = torch.zeros_like(hidden_states)
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    # One device-to-host copy per layer: the ids of the experts this step uses.
-    hit = [e for e in expert_hit.flatten().tolist() if e < num_experts]
+        # One device-to-host copy per layer: this step's routing. It feeds the
+        # request tracing and planner, and names the experts to fetch (in the
+        # ascending order the eager implementation uses).
+        routing = top_k_index.to("cpu", torch.int64).numpy()
+    runtime.observe(routing)
+    hit = [e for e in np.unique(routing).tolist() if e < num_experts]
     transposed = self.is_transposed
     with closing(runtime.experts(hit)) as ready:
         for expert, w in ready:

@@ -238,6 +238,13 @@ impl CacheCore {
         Ok(slot)
     }
 
+    /// Slots whose copy is queued or running.
+    pub fn copies_in_flight(&self) -> usize {
+        (0..self.pool.len() as SlotId)
+            .filter(|&s| matches!(self.pool.phase(s), Phase::Queued | Phase::Copying))
+            .count()
+    }
+
     pub fn phase(&self, slot: SlotId) -> &Phase {
         self.pool.phase(slot)
     }

@@ -9,6 +9,7 @@
 //! 3. `release(layer, experts, stream)` unpins; on CUDA the slot is not
 //!    overwritten before `stream` has passed this point.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -20,10 +21,13 @@ use super::policy_by_name;
 use crate::copy::{CopyBackend, CudaCopies, WorkerCopier};
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
+use crate::planner::{Planner, PlannerConfig};
 use crate::queue::PrefetchQueue;
 use crate::stats::Stats;
 use crate::tiers::device::{Phase, SlotPool};
 use crate::tiers::host::HostTier;
+use crate::trace::live::LiveTracer;
+use crate::trace::ActivationCollection;
 
 /// Where the slot pool lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +53,9 @@ pub struct CacheConfig {
     pub policy: String,
     /// The user's budget, reported in statistics.
     pub budget_bytes: u64,
+    pub planner: PlannerConfig,
+    /// A saved EAMC to start from.
+    pub eamc_path: Option<PathBuf>,
 }
 
 struct Shared {
@@ -57,6 +64,10 @@ struct Shared {
     copied: Condvar,
     queue: PrefetchQueue,
     backend: CopyBackend,
+    planner_depth: usize,
+    /// Request tracing and prefetch planning; `None` when layers differ in
+    /// expert count (the EAMC needs one L×E shape).
+    tracer: Option<Mutex<LiveTracer>>,
 }
 
 /// The device expert cache and its copy workers.
@@ -97,7 +108,10 @@ impl ExpertCache {
         )?;
         let policy = policy_by_name(&config.policy, config.n_slots, host.layout().num_experts())?;
         let core = CacheCore::new(host.layout().clone(), pool, policy);
+        let tracer = tracer_for(host.layout(), &config)?;
         let shared = Arc::new(Shared {
+            tracer,
+            planner_depth: config.planner.prefetch_depth,
             host,
             state: Mutex::new(core),
             copied: Condvar::new(),
@@ -178,11 +192,83 @@ impl ExpertCache {
     }
 
     /// Pins a slot for each expert of `layer`, queueing on-demand copies for
-    /// those not cached. All or nothing: fails without side effects when
-    /// the pool cannot hold them at once.
+    /// those not cached. All or nothing: when prefetches in flight hold the
+    /// slots it needs, it waits for them; it fails without side effects
+    /// when the pool cannot hold the experts at once.
     pub fn fetch(&self, layer: u32, experts: &[u32]) -> Result<Vec<u32>> {
         let ids = self.ids(layer, experts)?;
-        self.shared.lock().fetch(&self.shared.queue, &ids)
+        let mut state = self.shared.lock();
+        loop {
+            match state.fetch(&self.shared.queue, &ids) {
+                Err(CoreError::BudgetTooSmall { .. }) if state.copies_in_flight() > 0 => {
+                    state = self
+                        .shared
+                        .copied
+                        .wait(state)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// Starts `n` new requests (one per sequence of a batch); the current
+    /// ones end and join the EAMC.
+    pub fn begin_requests(&self, n: usize) -> Result<()> {
+        match &self.shared.tracer {
+            Some(tracer) => lock(tracer).begin_requests(n),
+            None => Ok(()),
+        }
+    }
+
+    pub fn end_requests(&self) -> Result<()> {
+        match &self.shared.tracer {
+            Some(tracer) => lock(tracer).end_requests(),
+            None => Ok(()),
+        }
+    }
+
+    /// A MoE layer's routing (`top_k` ids per token row, batch-major):
+    /// traced into each live request's activation matrix, then the planner
+    /// re-plans the prefetches for the layers ahead.
+    pub fn observe(&self, layer: u32, ids: &[u32], top_k: usize) -> Result<()> {
+        let Some(tracer) = &self.shared.tracer else {
+            return Ok(());
+        };
+        if layer as usize >= self.layout().num_layers() {
+            return Err(self.layout().id(layer, 0).unwrap_err());
+        }
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&e| e >= self.layout().experts_in_layer(layer))
+        {
+            return Err(self.layout().id(layer, bad).unwrap_err());
+        }
+        let mut tracer = lock(tracer);
+        let depth = self.shared.planner_depth;
+        let (scores, prefetch) = tracer.observe(layer as usize, ids, top_k)?;
+        self.shared
+            .lock()
+            .plan(&self.shared.queue, scores, &prefetch, depth);
+        Ok(())
+    }
+
+    /// Writes the EAMC (finished requests only) to `path` atomically.
+    pub fn save_eamc(&self, path: &Path) -> Result<()> {
+        match &self.shared.tracer {
+            Some(tracer) => lock(tracer).planner().collection().save(path),
+            None => Err(CoreError::InvalidConfig(
+                "this model's MoE layers differ in expert count; it has no EAMC".into(),
+            )),
+        }
+    }
+
+    /// Entries in the EAMC.
+    pub fn eamc_len(&self) -> usize {
+        self.shared
+            .tracer
+            .as_ref()
+            .map_or(0, |t| lock(t).planner().collection().len())
     }
 
     /// Returns once the fetched expert's slot may be read on `stream`.
@@ -299,6 +385,41 @@ impl Shared {
             self.copied.notify_all();
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tracer for a layout whose layers share one expert count, starting
+/// from the saved EAMC at `config.eamc_path` when given.
+fn tracer_for(layout: &ExpertLayout, config: &CacheConfig) -> Result<Option<Mutex<LiveTracer>>> {
+    let experts = layout.experts_in_layer(0) as usize;
+    let uniform =
+        (0..layout.num_layers() as u32).all(|l| layout.experts_in_layer(l) as usize == experts);
+    if !uniform {
+        return Ok(None);
+    }
+    let layers = layout.num_layers();
+    let planner = match &config.eamc_path {
+        Some(path) if path.exists() => {
+            let eamc = ActivationCollection::load(path)?;
+            if (eamc.layers(), eamc.experts()) != (layers, experts) {
+                return Err(CoreError::EamcFile {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "it holds {}x{} activation matrices but this model has {layers} MoE layers of {experts} experts; \
+                         use another eamc_path for this model",
+                        eamc.layers(),
+                        eamc.experts()
+                    ),
+                });
+            }
+            Planner::with_collection(eamc, config.planner.clone())?
+        }
+        _ => Planner::new(layers, experts, config.planner.clone())?,
+    };
+    Ok(Some(Mutex::new(LiveTracer::new(planner))))
 }
 
 fn spawn_worker(shared: Arc<Shared>, index: usize) -> std::io::Result<JoinHandle<()>> {

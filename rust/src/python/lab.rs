@@ -36,8 +36,8 @@ fn routings(raw: &[RawRouting]) -> Vec<Routing<'_>> {
 #[pyfunction]
 #[pyo3(signature = (policy, requests, warmup, *, layers, experts, top_k, slots, expert_bytes,
     bandwidth_bytes_per_s, layer_compute_s, prefetch_depth=8, matches=4, own_weight=0.5,
-    eamc_weight=0.4, global_weight=0.1, eamc_capacity=1000, replacement="most-similar",
-    recency=0.9, retention_decay=0.3))]
+    eamc_weight=0.4, global_weight=0.1, eamc_capacity=1000, replacement="least-matched",
+    recency=0.9, retention_decay=1.0))]
 #[allow(clippy::too_many_arguments)]
 pub fn replay<'py>(
     py: Python<'py>,
@@ -121,7 +121,7 @@ fn matrix(eamc: &ActivationCollection, counts: Vec<u32>) -> PyResult<ActivationM
 #[pymethods]
 impl PyActivationCollection {
     #[new]
-    #[pyo3(signature = (capacity, layers, experts, replacement="most-similar"))]
+    #[pyo3(signature = (capacity, layers, experts, replacement="least-matched"))]
     fn new(capacity: usize, layers: usize, experts: usize, replacement: &str) -> PyResult<Self> {
         let rule = Replacement::parse(replacement).map_err(to_py)?;
         let eamc = ActivationCollection::new(capacity, layers, experts, rule).map_err(to_py)?;

@@ -13,7 +13,10 @@ mod lab;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use std::path::PathBuf;
+
 use crate::cache::{CacheConfig, Device, ExpertCache as CoreCache};
+use crate::planner::PlannerConfig;
 use errors::to_py;
 
 /// The device expert cache with its host tier and copy workers.
@@ -28,7 +31,8 @@ struct PyExpertCache {
 #[pymethods]
 impl PyExpertCache {
     #[new]
-    #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=1, policy="lru", budget_bytes=None))]
+    #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=1,
+        policy="activation-aware", budget_bytes=None, eamc_path=None, eamc_capacity=1000, prefetch_depth=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -41,6 +45,9 @@ impl PyExpertCache {
         copy_workers: usize,
         policy: &str,
         budget_bytes: Option<u64>,
+        eamc_path: Option<PathBuf>,
+        eamc_capacity: usize,
+        prefetch_depth: Option<usize>,
     ) -> PyResult<Self> {
         let budget_bytes = budget_bytes.unwrap_or((slot_bytes * n_slots) as u64);
         let config = CacheConfig {
@@ -52,6 +59,12 @@ impl PyExpertCache {
             copy_workers,
             policy: policy.to_string(),
             budget_bytes,
+            planner: PlannerConfig {
+                eamc_capacity,
+                prefetch_depth: prefetch_depth.unwrap_or(PlannerConfig::default().prefetch_depth),
+                ..PlannerConfig::default()
+            },
+            eamc_path,
         };
         let cache = py.detach(|| CoreCache::new(config)).map_err(to_py)?;
         Ok(Self {
@@ -134,6 +147,34 @@ impl PyExpertCache {
     fn release(&self, py: Python<'_>, layer: u32, experts: Vec<u32>, stream: u64) -> PyResult<()> {
         py.detach(|| self.cache.release(layer, &experts, stream))
             .map_err(to_py)
+    }
+
+    /// Starts `n` requests (one per sequence of a batch); the live ones end
+    /// and join the EAMC.
+    fn begin_requests(&self, n: usize) -> PyResult<()> {
+        self.cache.begin_requests(n).map_err(to_py)
+    }
+
+    /// Ends the live requests; their activation matrices join the EAMC.
+    fn end_requests(&self) -> PyResult<()> {
+        self.cache.end_requests().map_err(to_py)
+    }
+
+    /// Traces one MoE layer's routing (`top_k` ids per token row,
+    /// batch-major) and re-plans the prefetches for the layers ahead.
+    fn observe(&self, py: Python<'_>, layer: u32, ids: Vec<u32>, top_k: usize) -> PyResult<()> {
+        py.detach(|| self.cache.observe(layer, &ids, top_k))
+            .map_err(to_py)
+    }
+
+    /// Writes the EAMC to `path` atomically.
+    fn save_eamc(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.cache.save_eamc(&path)).map_err(to_py)
+    }
+
+    #[getter]
+    fn eamc_len(&self) -> usize {
+        self.cache.eamc_len()
     }
 
     fn slot_of(&self, layer: u32, expert: u32) -> PyResult<Option<u32>> {

@@ -4,6 +4,7 @@
 
 pub mod eam;
 pub mod eamc;
+pub mod live;
 pub mod matcher;
 
 pub use eam::ActivationMatrix;

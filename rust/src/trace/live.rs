@@ -1,0 +1,74 @@
+//! [`LiveTracer`]: the requests a patched model is serving now, each with
+//! its activation matrix, fed to the planner as the model routes tokens.
+
+use crate::error::{CoreError, Result};
+use crate::planner::{Plan, Planner, RequestId};
+
+pub struct LiveTracer {
+    planner: Planner,
+    live: Vec<RequestId>,
+}
+
+impl LiveTracer {
+    pub fn new(planner: Planner) -> Self {
+        Self {
+            planner,
+            live: Vec::new(),
+        }
+    }
+
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// Ends the current requests (their matrices join the EAMC) and starts
+    /// `n` new ones: one per sequence of the batch.
+    pub fn begin_requests(&mut self, n: usize) -> Result<()> {
+        self.end_requests()?;
+        self.live = (0..n.max(1))
+            .map(|_| self.planner.begin_request())
+            .collect();
+        Ok(())
+    }
+
+    pub fn end_requests(&mut self) -> Result<()> {
+        for id in std::mem::take(&mut self.live) {
+            self.planner.end_request(id)?;
+        }
+        Ok(())
+    }
+
+    pub fn live_requests(&self) -> usize {
+        self.live.len()
+    }
+
+    /// One MoE layer's routing for the whole batch: `ids` holds `top_k` ids
+    /// per token row, rows grouped by sequence (batch-major, as the model
+    /// flattens them). Returns the retention scores and prefetch candidates
+    /// for the layers ahead.
+    pub fn observe(&mut self, layer: usize, ids: &[u32], top_k: usize) -> Result<Plan<'_>> {
+        if top_k == 0 || ids.len() % top_k != 0 {
+            return Err(CoreError::Protocol(format!(
+                "{} routing ids do not split into rows of top_k = {top_k}",
+                ids.len()
+            )));
+        }
+        if self.live.is_empty() {
+            self.begin_requests(1)?;
+        }
+        let rows = ids.len() / top_k;
+        // A row count the batch does not divide means the batch changed
+        // without a new request being announced: trace it as one request.
+        if rows % self.live.len() != 0 {
+            self.begin_requests(1)?;
+        }
+        let per_request = rows / self.live.len();
+        for (i, &request) in self.live.iter().enumerate() {
+            for row in i * per_request..(i + 1) * per_request {
+                self.planner
+                    .observe(request, layer, &ids[row * top_k..(row + 1) * top_k])?;
+            }
+        }
+        Ok(self.planner.plan(layer))
+    }
+}
