@@ -52,6 +52,9 @@ def test_patched_model_generates_what_the_plain_model_generates(family):
     assert torch.equal(tokens, eager_tokens)
     assert (logits - plain_logits).abs().max().item() <= 1e-5
     assert torch.equal(logits, eager_logits), "same arithmetic must give bit-identical logits"
+    # Unpatched, the model runs its own experts implementation again.
+    _, restored_logits = generate(model, inputs)
+    assert torch.equal(restored_logits, eager_logits)
     assert stats["misses"] > 0
     assert 0 < stats["peak_resident_bytes"] <= stats["budget_bytes"] == budget
     after = snapshot(model)

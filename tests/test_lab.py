@@ -3,10 +3,17 @@ cosine matching against a NumPy reference, and trace replay."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from moe_offload import MoeOffloadError, _core
+from moe_offload import MoeOffloadError, _core, lab
+from moe_offload.traces import Request, Trace, read_trace, write_trace
 
 
 def random_eam(rng, layers, experts, tokens, top_k):
@@ -110,3 +117,76 @@ def test_replay_compares_policies_on_one_trace():
     with pytest.raises(MoeOffloadError, match="expert ids"):
         bad = np.full((1, 4, 2), 9, dtype=np.uint32)
         _core.replay("lru", [(1, bad.ctypes.data, bad.size)], [], **params)
+
+
+TRACES = os.environ.get("MOE_OFFLOAD_TRACES")
+needs_traces = pytest.mark.skipif(
+    not TRACES, reason="set MOE_OFFLOAD_TRACES to the directory holding the recorded routing traces"
+)
+
+
+def deepseek_trace(limit):
+    return read_trace(Path(TRACES) / "deepseek-v2-lite" / "puffin_prompts_0001-1000", limit=limit)
+
+
+@needs_traces
+@pytest.mark.parametrize(
+    "capacity, lru, belady", [(0.10, 0.261, 0.489), (0.25, 0.443, 0.711), (0.50, 0.698, 0.884)]
+)
+def test_the_replay_reproduces_the_published_demand_fetch_hit_rates(capacity, lru, belady):
+    """The traces' README measured LRU and Belady hit rates on the first 150
+    prompts; the replay through the core must agree within 0.01."""
+    report = lab.run(deepseek_trace(150), ["lru", "oracle"], lab.LabParams(capacity=capacity))
+    assert report["params"]["slots"] == round(capacity * 1664)
+    assert report["policies"]["lru"]["hit_rate"] == pytest.approx(lru, abs=0.01)
+    assert report["policies"]["oracle"]["hit_rate"] == pytest.approx(belady, abs=0.01)
+
+
+@needs_traces
+def test_activation_aware_beats_lru_and_the_reference_on_real_routing():
+    report = lab.run(
+        deepseek_trace(350),
+        ["lru", "reference", "activation-aware"],
+        lab.LabParams(capacity=0.25, warmup=200),
+    )
+    ours = report["policies"].pop("activation-aware")
+    assert report["trace"]["warmup_requests"] == 200 and report["trace"]["requests"] == 150
+    for name, other in report["policies"].items():
+        assert ours["hit_rate"] > other["hit_rate"], name
+        assert ours["stall_ms_per_token"] < other["stall_ms_per_token"], name
+
+
+def test_the_replay_command_prints_the_report(tmp_path):
+    rng = np.random.default_rng(5)
+    requests = [Request(f"r{i}", routing(rng, 30, 4, 8, 2)) for i in range(5)]
+    path = tmp_path / "t.jsonl"
+    write_trace(path, Trace(4, 8, 2, "synthetic", requests))
+    command = [sys.executable, "-m", "moe_offload.cli", "replay", str(path), "--expert-bytes", "1000000"]
+    result = subprocess.run(
+        [*command, "--json", "--warmup", "1", "--policy", "lru", "oracle", "activation-aware"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert list(report["policies"]) == ["lru", "oracle", "activation-aware"]
+    for figures in report["policies"].values():
+        assert set(figures) == {
+            "hit_rate",
+            "prefetch_precision",
+            "prefetch_recall",
+            "stall_ms_per_token",
+            "bytes_per_token",
+            "ms_per_token",
+            "slowdown_vs_resident",
+        }
+        assert figures["slowdown_vs_resident"] >= 1.0
+    assert report["trace"]["requests"] == 4 and report["trace"]["warmup_requests"] == 1
+    assert report["params"]["slots"] == 8
+
+    table = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "| activation-aware |" in table.stdout and "| oracle |" in table.stdout
+    bad = subprocess.run([*command, "--capacity", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--capacity" in bad.stderr

@@ -200,7 +200,7 @@ def patch(
     offloader = Offloader(
         model, blocks, cache, pool, budget, policy, tracker, None if eamc_path is None else Path(eamc_path)
     )
-    offloader._hooks.append(model.register_forward_pre_hook(_request_hook(tracker), with_kwargs=True))
+    offloader._hooks.append(_watch_requests(model, tracker))
     if offloader.eamc_path is not None:
         atexit.register(_save_at_exit, weakref.ref(offloader))
     object.__setattr__(model, _ATTR, offloader)
@@ -226,18 +226,26 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-def _request_hook(tracker: RequestTracker) -> Any:
-    """New requests begin with a forward pass that has no cached keys and
-    values (the prefill of `generate`, or a plain call); one per sequence."""
+def _watch_requests(model: nn.Module, tracker: RequestTracker) -> Any:
+    """Starts a new request (one per sequence) whenever the model begins
+    one: an encoder-decoder model runs its encoder once per request
+    (`generate` calls it on its own, before the decoder steps); a decoder-only
+    model starts with a forward pass that has nothing cached yet."""
+    encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+    if encoder is not None:
+        return encoder.register_forward_pre_hook(_begin_hook(tracker, always=True), with_kwargs=True)
+    return model.register_forward_pre_hook(_begin_hook(tracker, always=False), with_kwargs=True)
 
+
+def _begin_hook(tracker: RequestTracker, always: bool) -> Any:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        tokens = kwargs.get("input_ids", args[0] if args else None)
+        candidates = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None)
+        tokens = next((t for t in candidates if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
         if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2:
             return
-        past = kwargs.get("past_key_values")
-        if past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):
+        # transformers names the key/value cache `past_key_values` or `cache`.
+        past = next((kwargs[k] for k in ("past_key_values", "cache") if kwargs.get(k) is not None), None)
+        if always or past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0):
             tracker.begin(tokens.shape[0])
 
     return hook
@@ -339,7 +347,9 @@ def _move_non_experts(model: nn.Module, device: torch.device) -> None:
 
 
 def _restore(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
-    for layer, block in enumerate(blocks):
+    # Last offloaded first: blocks may share state (one config for every
+    # layer), and undoing in reverse leaves what was there before the first.
+    for layer, block in reversed(list(enumerate(blocks))):
         tensors: dict[str, torch.Tensor] = {}
         for spec in block.specs:
             stacked = torch.empty((block.num_experts, *spec.shape), dtype=spec.dtype)

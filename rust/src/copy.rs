@@ -8,7 +8,9 @@
 //! slot's *free* event, recorded on the reader's stream when it released
 //! the slot, so a copy never clobbers bytes a kernel still reads.
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use moe_offload_cuda::{copy_host_to_device_async, stream_wait_event, Context, Event, Stream};
 
@@ -55,10 +57,11 @@ impl CudaCopies {
     }
 }
 
-/// One worker's means to copy: nothing for the host, a stream for CUDA.
+/// One worker's means to copy: nothing for the host, a stream for CUDA
+/// (and whether every copy issued on it has landed).
 pub enum WorkerCopier {
     Host,
-    Cuda(Stream),
+    Cuda { stream: Stream, idle: Cell<bool> },
 }
 
 impl WorkerCopier {
@@ -68,18 +71,26 @@ impl WorkerCopier {
             CopyBackend::Host => Ok(Self::Host),
             CopyBackend::Cuda(cuda) => {
                 cuda.context.bind_to_current_thread()?;
-                Ok(Self::Cuda(Stream::new(&cuda.context)?))
+                Ok(Self::Cuda {
+                    stream: Stream::new(&cuda.context)?,
+                    idle: Cell::new(true),
+                })
             }
         }
     }
 
-    /// Copies `bytes` from `src` into slot `slot` at `dst`.
+    /// Copies `bytes` from `src` into slot `slot` at `dst`. Returns how
+    /// long the copy took when that is known exactly: always for memcpy; for
+    /// CUDA when the worker may wait for the copy to land (`may_wait`: no
+    /// other request is queued, so waiting delays nothing) and nothing else
+    /// ran on its stream meanwhile.
     ///
     /// # Safety
     /// `src` must be valid for `bytes` reads and `dst` for `bytes` writes
     /// (host memory for the host backend, device memory for CUDA), nobody
     /// else may write either range until the slot is marked ready, and for
     /// CUDA `src` must stay valid until the slot's ready event completes.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn copy(
         &self,
         backend: &CopyBackend,
@@ -88,15 +99,20 @@ impl WorkerCopier {
         dst: u64,
         bytes: usize,
         wait_for_reader: bool,
-    ) -> Result<()> {
+        may_wait: bool,
+    ) -> Result<Option<Duration>> {
+        let started = Instant::now();
         match (self, backend) {
             (Self::Host, _) => {
                 // SAFETY: the caller guarantees both ranges are valid and
                 // unshared; they do not overlap (host tier vs slot pool).
                 unsafe { std::ptr::copy_nonoverlapping(src, dst as *mut u8, bytes) };
-                Ok(())
+                Ok(Some(started.elapsed()))
             }
-            (Self::Cuda(stream), CopyBackend::Cuda(cuda)) => {
+            (Self::Cuda { stream, idle }, CopyBackend::Cuda(cuda)) => {
+                // Measurable only from an idle stream and without waiting
+                // for a reader first.
+                let measurable = idle.replace(false) && !wait_for_reader;
                 if wait_for_reader {
                     stream_wait_event(stream.raw(), &cuda.free[slot as usize])?;
                 }
@@ -104,10 +120,16 @@ impl WorkerCopier {
                 // valid until the ready event completes and `dst` is device
                 // memory of at least `bytes`.
                 unsafe { copy_host_to_device_async(dst, src, bytes, stream.raw())? };
-                cuda.ready[slot as usize].record(stream.raw())?;
-                Ok(())
+                let ready = &cuda.ready[slot as usize];
+                ready.record(stream.raw())?;
+                if !may_wait {
+                    return Ok(None);
+                }
+                ready.synchronize()?;
+                idle.set(true);
+                Ok(measurable.then(|| started.elapsed()))
             }
-            (Self::Cuda(_), CopyBackend::Host) => {
+            (Self::Cuda { .. }, CopyBackend::Host) => {
                 unreachable!("a CUDA worker always has a CUDA backend")
             }
         }

@@ -28,6 +28,7 @@ pub mod queue;
 pub mod replay;
 pub mod stats;
 pub mod tiers;
+pub mod timing;
 pub mod trace;
 
 #[cfg(feature = "python")]

@@ -31,9 +31,14 @@ pub struct PlannerConfig {
     /// Per-token decay of a request's own activation counts (1 = plain
     /// counts): recent routing predicts the next token better than old.
     pub recency: f32,
+    /// Weight of cross-layer affinity (which experts a token's current
+    /// experts lead to at the next layer) in near-layer predictions.
+    pub affinity_weight: f32,
+    /// Layers ahead that affinity predictions are chained through.
+    pub affinity_horizon: usize,
     /// Weight of the per-token reuse term against layer distance in an
     /// expert's expected distance to its next use (1 = the plain model).
-    pub retention_decay: f32,
+    pub reuse_weight: f32,
 }
 
 impl Default for PlannerConfig {
@@ -48,12 +53,34 @@ impl Default for PlannerConfig {
             eamc_capacity: 1000,
             replacement: Replacement::LeastMatched,
             recency: 0.9,
-            retention_decay: 1.0,
+            affinity_weight: 0.7,
+            affinity_horizon: 2,
+            reuse_weight: 0.2,
         }
     }
 }
 
 pub type RequestId = usize;
+
+/// How long one expert copy and one MoE layer's compute take: what a
+/// prefetch can gain (the copy time it hides, up to the compute before the
+/// expert is needed) and what a wrong one costs (the copy time that a
+/// demand fetch queued behind it waits beyond the layer's compute).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timing {
+    pub copy_s: f32,
+    pub layer_s: f32,
+}
+
+impl Timing {
+    /// Whether prefetching an expert used with probability `p`, `d` layers
+    /// ahead, gains more time than it is expected to cost.
+    fn worth_prefetching(&self, p: f32, d: usize) -> bool {
+        let gain = p * self.copy_s.min(d as f32 * self.layer_s);
+        let loss = (1.0 - p) * (self.copy_s - self.layer_s).max(0.0);
+        gain > loss
+    }
+}
 
 /// A plan: one retention score per expert id, and the prefetch candidates
 /// best first.
@@ -64,6 +91,9 @@ pub type Plan<'a> = (&'a [f32], Vec<(ExpertId, f32)>);
 struct LiveRequest {
     matcher: RequestMatcher,
     recent: Vec<f32>,
+    /// The layer last routed and its token rows (`top_k` ids each).
+    step_layer: usize,
+    step_rows: Vec<u32>,
 }
 
 pub struct Planner {
@@ -71,12 +101,17 @@ pub struct Planner {
     eamc: ActivationCollection,
     live: Vec<Option<LiveRequest>>,
     global: ActivationMatrix,
+    /// `affinity[(l * E + a) * E + b]`: tokens routed to a at layer l and
+    /// to b at layer l + 1, over every request observed.
+    affinity: Vec<f32>,
     /// Experts per token per layer, as observed.
     top_k: usize,
     /// Retention: predicted reuse, mildly discounted by distance.
     scores: Vec<f32>,
     /// Prefetch priority: predicted use, discounted by distance.
     priority: Vec<f32>,
+    /// Unknown until measured: then every predicted expert is a candidate.
+    timing: Option<Timing>,
 }
 
 impl Planner {
@@ -98,11 +133,17 @@ impl Planner {
             config,
             live: Vec::new(),
             global: ActivationMatrix::new(layers, experts),
+            affinity: vec![0.0; layers * experts * experts],
             top_k: 1,
             scores: vec![0.0; layers * experts],
             priority: vec![0.0; layers * experts],
+            timing: None,
             eamc,
         })
+    }
+
+    pub fn set_timing(&mut self, timing: Timing) {
+        self.timing = Some(timing);
     }
 
     pub fn prefetch_depth(&self) -> usize {
@@ -117,6 +158,8 @@ impl Planner {
         let matcher = LiveRequest {
             matcher: RequestMatcher::new(&self.eamc),
             recent: vec![0.0; self.eamc.layers() * self.eamc.experts()],
+            step_layer: usize::MAX,
+            step_rows: Vec::new(),
         };
         match self.live.iter().position(Option::is_none) {
             Some(free) => {
@@ -132,22 +175,54 @@ impl Planner {
 
     /// One token of request `id` was routed to `experts` at `layer`.
     pub fn observe(&mut self, id: RequestId, layer: usize, experts: &[u32]) -> Result<()> {
+        self.observe_rows(id, layer, experts, experts.len())
+    }
+
+    /// Request `id`'s tokens of this step were routed to `rows` (`top_k`
+    /// ids per token) at `layer`.
+    pub fn observe_rows(
+        &mut self,
+        id: RequestId,
+        layer: usize,
+        rows: &[u32],
+        top_k: usize,
+    ) -> Result<()> {
+        let experts = self.eamc.experts();
         let Some(Some(request)) = self.live.get_mut(id) else {
             return Err(CoreError::Protocol(format!("request {id} is not live")));
         };
-        request.matcher.observe(&self.eamc, layer, experts);
-        self.top_k = self.top_k.max(experts.len());
-        let n = self.eamc.experts();
-        let row = &mut request.recent[layer * n..(layer + 1) * n];
-        for v in row.iter_mut() {
-            *v *= self.config.recency;
+        if top_k == 0 || rows.len() % top_k != 0 || rows.iter().any(|&e| e as usize >= experts) {
+            return Err(CoreError::Protocol(format!(
+                "routing of {} ids at layer {layer} is not rows of {top_k} ids below {experts}",
+                rows.len()
+            )));
         }
-        for &e in experts {
-            if let Some(v) = row.get_mut(e as usize) {
-                *v += 1.0;
+        self.top_k = self.top_k.max(top_k);
+        for row in rows.chunks(top_k) {
+            request.matcher.observe(&self.eamc, layer, row);
+            let recent = &mut request.recent[layer * experts..(layer + 1) * experts];
+            for v in recent.iter_mut() {
+                *v *= self.config.recency;
+            }
+            for &e in row {
+                recent[e as usize] += 1.0;
+            }
+            self.global.record(layer, row);
+        }
+        // The same tokens one layer further: learn where their experts led.
+        if layer > 0 && request.step_layer == layer - 1 && request.step_rows.len() == rows.len() {
+            let base = (layer - 1) * experts * experts;
+            for (before, after) in request.step_rows.chunks(top_k).zip(rows.chunks(top_k)) {
+                for &a in before {
+                    for &b in after {
+                        self.affinity[base + a as usize * experts + b as usize] += 1.0;
+                    }
+                }
             }
         }
-        self.global.record(layer, experts);
+        request.step_layer = layer;
+        request.step_rows.clear();
+        request.step_rows.extend_from_slice(rows);
         Ok(())
     }
 
@@ -186,12 +261,21 @@ impl Planner {
         self.scores.fill(0.0);
         self.priority.fill(0.0);
         let mut share = vec![0.0f32; experts];
+        let mut chained = vec![0.0f32; experts];
         for request in self.live.iter().flatten() {
             let matches = request.matcher.best(&self.eamc, self.config.matches);
+            let mut chain = self.step_distribution(request, layer, &mut chained);
             for d in 1..=horizon {
                 let target = (layer + d) % layers;
                 let decay = 1.0 - d as f32 / (layers as f32 + 1.0);
                 self.predict(request, &matches, target, &mut share);
+                chain = chain && d <= self.config.affinity_horizon && target > layer;
+                if chain && self.follow_affinity(target - 1, &mut chained) {
+                    let w = self.config.affinity_weight;
+                    for (s, &c) in share.iter_mut().zip(&chained) {
+                        *s = (1.0 - w) * *s + w * c;
+                    }
+                }
                 let cells = target * experts..(target + 1) * experts;
                 for ((score, priority), &p) in self.scores[cells.clone()]
                     .iter_mut()
@@ -203,9 +287,15 @@ impl Planner {
                         d,
                         self.top_k,
                         layers,
-                        self.config.retention_decay,
+                        self.config.reuse_weight,
                     ));
-                    *priority = priority.max(decay * p);
+                    let use_probability = (p * self.top_k as f32).min(1.0);
+                    if self
+                        .timing
+                        .is_none_or(|t| t.worth_prefetching(use_probability, d))
+                    {
+                        *priority = priority.max(decay * p);
+                    }
                 }
             }
         }
@@ -226,6 +316,48 @@ impl Planner {
         }
         best.sort_by(by_score);
         (&self.scores, best)
+    }
+
+    /// The request's current step at `layer` as a distribution over experts;
+    /// false when the request's last routing was at another layer.
+    fn step_distribution(&self, request: &LiveRequest, layer: usize, out: &mut [f32]) -> bool {
+        out.fill(0.0);
+        if request.step_layer != layer || request.step_rows.is_empty() {
+            return false;
+        }
+        for &e in &request.step_rows {
+            out[e as usize] += 1.0;
+        }
+        let total = request.step_rows.len() as f32;
+        out.iter_mut().for_each(|v| *v /= total);
+        true
+    }
+
+    /// Moves a distribution over layer `from`'s experts one layer on through
+    /// the affinity counts; false when nothing is known about that layer.
+    fn follow_affinity(&self, from: usize, dist: &mut [f32]) -> bool {
+        let n = dist.len();
+        let mut next = vec![0.0f32; n];
+        for (a, &weight) in dist.iter().enumerate() {
+            if weight == 0.0 {
+                continue;
+            }
+            let row = &self.affinity[(from * n + a) * n..(from * n + a + 1) * n];
+            let total: f32 = row.iter().sum();
+            if total > 0.0 {
+                for (v, &c) in next.iter_mut().zip(row) {
+                    *v += weight * c / total;
+                }
+            }
+        }
+        let mass: f32 = next.iter().sum();
+        if mass <= 0.0 {
+            return false;
+        }
+        for (d, v) in dist.iter_mut().zip(next) {
+            *d = v / mass;
+        }
+        true
     }
 
     /// The request's predicted expert shares at `layer` (sums to <= 1).

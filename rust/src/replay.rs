@@ -12,7 +12,7 @@ use crate::cache::oracle::Oracle;
 use crate::cache::policy_by_name;
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
-use crate::planner::{Planner, PlannerConfig, RequestId};
+use crate::planner::{Planner, PlannerConfig, RequestId, Timing};
 use crate::queue::PrefetchQueue;
 use crate::tiers::device::{Phase, SlotId, SlotPool};
 
@@ -141,6 +141,10 @@ pub fn replay(
     let predictive = policy.prefetches();
     let mut core = CacheCore::new(layout, pool, policy);
     let mut planner = Planner::new(config.layers, config.experts, config.planner.clone())?;
+    planner.set_timing(Timing {
+        copy_s: (config.expert_bytes as f64 / config.bandwidth_bytes_per_s) as f32,
+        layer_s: config.layer_compute_s as f32,
+    });
     if predictive {
         for request in warmup {
             let id = planner.begin_request();
@@ -169,6 +173,14 @@ pub fn replay(
                     .iter()
                     .map(|&e| (layer * config.experts) as ExpertId + e),
             );
+            // The router's choice is known before the experts are fetched:
+            // plan first, so evictions see this layer's routing.
+            if let Some(id) = id {
+                planner.observe(id, layer, experts)?;
+                let depth = planner.prefetch_depth();
+                let (scores, prefetch) = planner.plan(layer);
+                core.plan(&queue, scores, &prefetch, depth);
+            }
             let slots = loop {
                 match core.fetch(&queue, &ids) {
                     // Prefetches in flight hold the slots: let them land.
@@ -179,12 +191,6 @@ pub fn replay(
                     outcome => break outcome?,
                 }
             };
-            if let Some(id) = id {
-                planner.observe(id, layer, experts)?;
-                let depth = planner.prefetch_depth();
-                let (scores, prefetch) = planner.plan(layer);
-                core.plan(&queue, scores, &prefetch, depth);
-            }
             engine.run_until(&mut core, &queue, now, now);
             let ready = engine.wait_for(&mut core, &queue, &slots, now);
             stall += ready - now;

@@ -26,6 +26,7 @@ use crate::queue::PrefetchQueue;
 use crate::stats::Stats;
 use crate::tiers::device::{Phase, SlotPool};
 use crate::tiers::host::HostTier;
+use crate::timing::TimingEstimate;
 use crate::trace::live::LiveTracer;
 use crate::trace::ActivationCollection;
 
@@ -68,6 +69,8 @@ struct Shared {
     /// Request tracing and prefetch planning; `None` when layers differ in
     /// expert count (the EAMC needs one L×E shape).
     tracer: Option<Mutex<LiveTracer>>,
+    /// Measured copy and layer times, for the planner's cost model.
+    timing: Mutex<TimingEstimate>,
 }
 
 /// The device expert cache and its copy workers.
@@ -111,6 +114,7 @@ impl ExpertCache {
         let tracer = tracer_for(host.layout(), &config)?;
         let shared = Arc::new(Shared {
             tracer,
+            timing: Mutex::new(TimingEstimate::default()),
             planner_depth: config.planner.prefetch_depth,
             host,
             state: Mutex::new(core),
@@ -244,7 +248,16 @@ impl ExpertCache {
         {
             return Err(self.layout().id(layer, bad).unwrap_err());
         }
+        let stall_total = self.shared.lock().stats().stall_seconds;
+        let timing = {
+            let mut estimate = lock(&self.shared.timing);
+            estimate.record_layer(layer as usize, Instant::now(), stall_total);
+            estimate.timing(self.layout().max_expert_bytes())
+        };
         let mut tracer = lock(tracer);
+        if let Some(timing) = timing {
+            tracer.set_timing(timing);
+        }
         let depth = self.shared.planner_depth;
         let (scores, prefetch) = tracer.observe(layer as usize, ids, top_k)?;
         self.shared
@@ -378,10 +391,14 @@ impl Shared {
                     dst,
                     job.bytes,
                     job.wait_for_reader,
+                    self.queue.is_empty(),
                 )
             };
+            if let Ok(Some(took)) = outcome {
+                lock(&self.timing).record_copy(job.bytes, took.as_secs_f64());
+            }
             self.lock()
-                .finish_copy(&job, outcome.map_err(|e| e.to_string()));
+                .finish_copy(&job, outcome.map(drop).map_err(|e| e.to_string()));
             self.copied.notify_all();
         }
     }

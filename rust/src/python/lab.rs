@@ -10,7 +10,6 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_py;
-use crate::planner::PlannerConfig;
 use crate::replay::{replay as run_replay, ReplayConfig, Routing};
 use crate::trace::{ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
 
@@ -32,12 +31,11 @@ fn routings(raw: &[RawRouting]) -> Vec<Routing<'_>> {
         .collect()
 }
 
-/// Replays routing through the cache core under one policy on a simulated clock.
+/// Replays routing through the cache core under one policy on a simulated
+/// clock; planner settings come as keyword arguments (see `planner.rs`).
 #[pyfunction]
 #[pyo3(signature = (policy, requests, warmup, *, layers, experts, top_k, slots, expert_bytes,
-    bandwidth_bytes_per_s, layer_compute_s, prefetch_depth=8, matches=4, own_weight=0.5,
-    eamc_weight=0.4, global_weight=0.1, eamc_capacity=1000, replacement="least-matched",
-    recency=0.9, retention_decay=1.0))]
+    bandwidth_bytes_per_s, layer_compute_s, **planner))]
 #[allow(clippy::too_many_arguments)]
 pub fn replay<'py>(
     py: Python<'py>,
@@ -51,15 +49,7 @@ pub fn replay<'py>(
     expert_bytes: u64,
     bandwidth_bytes_per_s: f64,
     layer_compute_s: f64,
-    prefetch_depth: usize,
-    matches: usize,
-    own_weight: f32,
-    eamc_weight: f32,
-    global_weight: f32,
-    eamc_capacity: usize,
-    replacement: &str,
-    recency: f32,
-    retention_decay: f32,
+    planner: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = ReplayConfig {
         layers,
@@ -69,18 +59,7 @@ pub fn replay<'py>(
         expert_bytes,
         bandwidth_bytes_per_s,
         layer_compute_s,
-        planner: PlannerConfig {
-            matches,
-            own_weight,
-            eamc_weight,
-            global_weight,
-            prefetch_depth,
-            horizon: 0,
-            eamc_capacity,
-            replacement: Replacement::parse(replacement).map_err(to_py)?,
-            recency,
-            retention_decay,
-        },
+        planner: super::planner::planner_config(planner)?,
     };
     let report = py
         .detach(|| run_replay(policy, &config, &routings(&requests), &routings(&warmup)))

@@ -9,6 +9,7 @@
 
 mod errors;
 mod lab;
+mod planner;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -16,7 +17,6 @@ use pyo3::types::PyDict;
 use std::path::PathBuf;
 
 use crate::cache::{CacheConfig, Device, ExpertCache as CoreCache};
-use crate::planner::PlannerConfig;
 use errors::to_py;
 
 /// The device expert cache with its host tier and copy workers.
@@ -31,8 +31,10 @@ struct PyExpertCache {
 #[pymethods]
 impl PyExpertCache {
     #[new]
+    /// Planner settings (prefetch depth, EAMC capacity, ...) come as
+    /// keyword arguments; see `planner.rs`.
     #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=1,
-        policy="activation-aware", budget_bytes=None, eamc_path=None, eamc_capacity=1000, prefetch_depth=None))]
+        policy="activation-aware", budget_bytes=None, eamc_path=None, **planner))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -46,8 +48,7 @@ impl PyExpertCache {
         policy: &str,
         budget_bytes: Option<u64>,
         eamc_path: Option<PathBuf>,
-        eamc_capacity: usize,
-        prefetch_depth: Option<usize>,
+        planner: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let budget_bytes = budget_bytes.unwrap_or((slot_bytes * n_slots) as u64);
         let config = CacheConfig {
@@ -59,11 +60,7 @@ impl PyExpertCache {
             copy_workers,
             policy: policy.to_string(),
             budget_bytes,
-            planner: PlannerConfig {
-                eamc_capacity,
-                prefetch_depth: prefetch_depth.unwrap_or(PlannerConfig::default().prefetch_depth),
-                ..PlannerConfig::default()
-            },
+            planner: planner::planner_config(planner)?,
             eamc_path,
         };
         let cache = py.detach(|| CoreCache::new(config)).map_err(to_py)?;

@@ -2,7 +2,7 @@
 //! its activation matrix, fed to the planner as the model routes tokens.
 
 use crate::error::{CoreError, Result};
-use crate::planner::{Plan, Planner, RequestId};
+use crate::planner::{Plan, Planner, RequestId, Timing};
 
 pub struct LiveTracer {
     planner: Planner,
@@ -19,6 +19,10 @@ impl LiveTracer {
 
     pub fn planner(&self) -> &Planner {
         &self.planner
+    }
+
+    pub fn set_timing(&mut self, timing: Timing) {
+        self.planner.set_timing(timing);
     }
 
     /// Ends the current requests (their matrices join the EAMC) and starts
@@ -64,10 +68,8 @@ impl LiveTracer {
         }
         let per_request = rows / self.live.len();
         for (i, &request) in self.live.iter().enumerate() {
-            for row in i * per_request..(i + 1) * per_request {
-                self.planner
-                    .observe(request, layer, &ids[row * top_k..(row + 1) * top_k])?;
-            }
+            let rows = &ids[i * per_request * top_k..(i + 1) * per_request * top_k];
+            self.planner.observe_rows(request, layer, rows, top_k)?;
         }
         Ok(self.planner.plan(layer))
     }
