@@ -1,15 +1,24 @@
-"""EAMC search: one incremental layer update plus a best-match query, for a
-DeepSeek-V2-Lite-shaped collection (L=27, E=64, top-6), K = 1,000 and 10,000.
+"""EAMC search and the live path's tracing cost, for a DeepSeek-V2-Lite-shaped
+collection (L=27, E=64, top-6).
 
     .venv/bin/python -m pytest benches/bench_eamc.py --benchmark-only
 
-The timings include the Python call overhead of the bindings (~1 us per call).
+`test_layer_update_and_match`: one incremental layer update of a request's
+matcher plus a best-match query against K = 1,000 and 10,000 entries (the
+timings include the bindings' call overhead, about 1 us).
+`test_observe_on_the_forward_path`: what a patched MoE layer spends handing
+its routing to the planner thread, which traces, matches and plans while
+the layer goes on to fetch its experts.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from moe_offload import _core
 
@@ -25,13 +34,17 @@ def filled_collection(capacity: int) -> _core.ActivationCollection:
     return eamc
 
 
+def random_tokens(n: int) -> list[list[int]]:
+    rng = np.random.default_rng(1)
+    return [rng.choice(EXPERTS, TOP_K, replace=False).tolist() for _ in range(n)]
+
+
 @pytest.mark.parametrize("capacity", [1_000, 10_000])
 def test_layer_update_and_match(benchmark, capacity):
     eamc = filled_collection(capacity)
     assert len(eamc) == capacity
     matcher = eamc.matcher()
-    rng = np.random.default_rng(1)
-    tokens = [rng.choice(EXPERTS, TOP_K, replace=False).tolist() for _ in range(256)]
+    tokens = random_tokens(256)
     state = {"step": 0}
 
     def update_and_match():
@@ -42,3 +55,30 @@ def test_layer_update_and_match(benchmark, capacity):
 
     best = benchmark(update_and_match)
     assert len(best) == 4
+
+
+def test_observe_on_the_forward_path(benchmark):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k1000.eamc"
+        filled_collection(1_000).save(path)
+        pool = torch.zeros(64 * 4096, dtype=torch.uint8)
+        cache = _core.ExpertCache(
+            layers=[(EXPERTS, 4000)] * LAYERS,
+            pool_address=pool.data_ptr(),
+            pool_owner=pool,
+            slot_bytes=4096,
+            n_slots=64,
+            eamc_path=path,
+        )
+    cache.begin_requests(1)
+    tokens = random_tokens(LAYERS)
+    state = {"step": 0}
+
+    def observe():
+        layer = state["step"] % LAYERS
+        state["step"] += 1
+        cache.observe(layer, tokens[layer], TOP_K)
+
+    benchmark(observe)
+    cache.end_requests()
+    assert cache.eamc_len == 1_000  # full: the finished request took a place

@@ -46,6 +46,7 @@ def test_fetched_experts_land_in_their_slots():
     cache.wait(0, 3)
     cache.release(0, [3])
     assert cache.stats()["hits"] == 1
+    assert cache.stats()["layer_hit_rates"] == [1 / 3]
 
 
 def test_read_back_gives_what_was_written():

@@ -190,3 +190,10 @@ def test_the_replay_command_prints_the_report(tmp_path):
     assert "| activation-aware |" in table.stdout and "| oracle |" in table.stdout
     bad = subprocess.run([*command, "--capacity", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--capacity" in bad.stderr
+
+
+def test_next_token_reuse_counts_experts_the_previous_token_used():
+    # Two tokens, one layer, top-2: token 1 reuses one of token 0's experts.
+    r = Request("a", np.array([[[0, 1]], [[1, 2]]], dtype=np.uint32))
+    assert lab.next_token_reuse([r]) == 0.5
+    assert lab.next_token_reuse([Request("b", r.routing[:1])]) == 0.0

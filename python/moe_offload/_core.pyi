@@ -9,6 +9,7 @@ valid for `nbytes` for the duration of the call only.
 from os import PathLike
 
 __version__: str
+debug_build: bool
 
 class MoeOffloadError(Exception): ...
 class BudgetError(MoeOffloadError): ...

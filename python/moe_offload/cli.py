@@ -62,6 +62,12 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
         help="the last N requests read only fill the EAMC before the replay; they are not measured",
     )
     replay.add_argument("--eamc-capacity", type=int, default=1000)
+    replay.add_argument(
+        "--replacement",
+        choices=("least-matched", "oldest", "most-similar"),
+        default="least-matched",
+        help="which EAMC entry a full collection gives up",
+    )
     replay.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -94,7 +100,9 @@ def _replay(args: argparse.Namespace) -> int:
         expert_bytes=args.expert_bytes,
         warmup=args.warmup,
     )
-    report = lab.run(trace, args.policy, params, eamc_capacity=args.eamc_capacity)
+    report = lab.run(
+        trace, args.policy, params, eamc_capacity=args.eamc_capacity, replacement=args.replacement
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

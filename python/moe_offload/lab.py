@@ -115,6 +115,7 @@ def run(
             "layers": trace.num_layers,
             "experts": trace.num_experts,
             "top_k": trace.top_k,
+            "next_token_reuse": next_token_reuse(measured),
         },
         "params": dict(
             asdict(params),
@@ -122,8 +123,21 @@ def run(
             total_experts=total_experts,
             expert_bytes=nbytes,
             expert_bytes_from=nbytes_from,
+            planner=planner,
         ),
     }
+
+
+def next_token_reuse(requests: list[Request]) -> float:
+    """Of each token's routings (after a request's first token), the share
+    that go to an expert the previous token used at the same layer: how much
+    a cache gains from keeping what the last token used."""
+    reused = total = 0
+    for r in requests:
+        now, before = r.routing[1:, :, :, None], r.routing[:-1, :, None, :]
+        reused += int((now == before).any(axis=-1).sum())
+        total += now.shape[0] * now.shape[1] * now.shape[2]
+    return reused / total if total else 0.0
 
 
 def summarize(r: dict[str, Any]) -> dict[str, float]:

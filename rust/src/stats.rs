@@ -25,14 +25,36 @@ pub struct Stats {
     pub prefetch_wasted: u64,
     /// Copies started by prefetch rather than on demand.
     pub prefetch_copies: u64,
+    /// Hits and misses per MoE layer.
+    pub layer_hits: Vec<u64>,
+    pub layer_misses: Vec<u64>,
 }
 
 impl Stats {
+    /// Zeroed counters for a model of `layers` MoE layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layer_hits: vec![0; layers],
+            layer_misses: vec![0; layers],
+            ..Self::default()
+        }
+    }
+
     /// Clears the counters; the peak restarts from what is resident now.
     pub fn reset(&mut self, resident_bytes: u64) {
         *self = Stats {
             peak_resident_bytes: resident_bytes,
-            ..Stats::default()
+            ..Stats::new(self.layer_hits.len())
         };
+    }
+
+    pub fn record_hit(&mut self, layer: u32) {
+        self.hits += 1;
+        self.layer_hits[layer as usize] += 1;
+    }
+
+    pub fn record_miss(&mut self, layer: u32) {
+        self.misses += 1;
+        self.layer_misses[layer as usize] += 1;
     }
 }

@@ -35,11 +35,12 @@ pub struct CacheCore {
 impl CacheCore {
     pub fn new(layout: ExpertLayout, pool: SlotPool, policy: Box<dyn CachePolicy>) -> Self {
         let n = pool.len();
+        let stats = Stats::new(layout.num_layers());
         Self {
             layout,
             pool,
             policy,
-            stats: Stats::default(),
+            stats,
             resident_bytes: 0,
             reader_pending: vec![false; n],
             prefetched: vec![false; n],
@@ -101,11 +102,12 @@ impl CacheCore {
         self.pool.pin(slot);
         self.policy.on_access(slot, id);
         let by_prefetch = std::mem::take(&mut self.prefetched[slot as usize]);
+        let layer = self.layout.locate(id).0;
         if self.pool.phase(slot) == &Phase::Ready {
-            self.stats.hits += 1;
+            self.stats.record_hit(layer);
             self.stats.prefetch_hits += u64::from(by_prefetch);
         } else {
-            self.stats.misses += 1;
+            self.stats.record_miss(layer);
             self.stats.prefetch_late += u64::from(by_prefetch);
             if self.pool.phase(slot) == &Phase::Queued {
                 queue.promote(id);
@@ -120,7 +122,7 @@ impl CacheCore {
             .choose_slot(self.policy.as_mut())
             .expect("fetch checked that enough slots are available");
         self.install(slot, id);
-        self.stats.misses += 1;
+        self.stats.record_miss(self.layout.locate(id).0);
         queue.push(CopyRequest {
             expert: id,
             slot: Some(slot),

@@ -28,6 +28,7 @@ use crate::tiers::device::{Phase, SlotPool};
 use crate::tiers::host::HostTier;
 use crate::timing::TimingEstimate;
 use crate::trace::live::LiveTracer;
+use crate::trace::planning::{ApplyPlan, PlanningThread};
 use crate::trace::ActivationCollection;
 
 /// Where the slot pool lives.
@@ -65,18 +66,17 @@ struct Shared {
     copied: Condvar,
     queue: PrefetchQueue,
     backend: CopyBackend,
-    planner_depth: usize,
-    /// Request tracing and prefetch planning; `None` when layers differ in
-    /// expert count (the EAMC needs one L×E shape).
-    tracer: Option<Mutex<LiveTracer>>,
     /// Measured copy and layer times, for the planner's cost model.
     timing: Mutex<TimingEstimate>,
 }
 
-/// The device expert cache and its copy workers.
+/// The device expert cache, its copy workers and its planner thread.
 pub struct ExpertCache {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    /// Request tracing and prefetch planning; `None` when layers differ in
+    /// expert count (the EAMC needs one L×E shape).
+    planning: Option<PlanningThread>,
 }
 
 impl ExpertCache {
@@ -113,9 +113,7 @@ impl ExpertCache {
         let core = CacheCore::new(host.layout().clone(), pool, policy);
         let tracer = tracer_for(host.layout(), &config)?;
         let shared = Arc::new(Shared {
-            tracer,
             timing: Mutex::new(TimingEstimate::default()),
-            planner_depth: config.planner.prefetch_depth,
             host,
             state: Mutex::new(core),
             copied: Condvar::new(),
@@ -126,7 +124,18 @@ impl ExpertCache {
             .map(|i| spawn_worker(Arc::clone(&shared), i))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| CoreError::InvalidConfig(format!("cannot start copy worker: {e}")))?;
-        Ok(Self { shared, workers })
+        let planning = match tracer {
+            Some(tracer) => Some(PlanningThread::spawn(
+                tracer,
+                apply_plans(Arc::clone(&shared), config.planner.prefetch_depth),
+            )?),
+            None => None,
+        };
+        Ok(Self {
+            shared,
+            workers,
+            planning,
+        })
     }
 
     pub fn layout(&self) -> &ExpertLayout {
@@ -219,24 +228,25 @@ impl ExpertCache {
     /// Starts `n` new requests (one per sequence of a batch); the current
     /// ones end and join the EAMC.
     pub fn begin_requests(&self, n: usize) -> Result<()> {
-        match &self.shared.tracer {
-            Some(tracer) => lock(tracer).begin_requests(n),
+        match &self.planning {
+            Some(planning) => planning.begin_requests(n),
             None => Ok(()),
         }
     }
 
     pub fn end_requests(&self) -> Result<()> {
-        match &self.shared.tracer {
-            Some(tracer) => lock(tracer).end_requests(),
+        match &self.planning {
+            Some(planning) => planning.end_requests(),
             None => Ok(()),
         }
     }
 
-    /// A MoE layer's routing (`top_k` ids per token row, batch-major):
-    /// traced into each live request's activation matrix, then the planner
-    /// re-plans the prefetches for the layers ahead.
+    /// A MoE layer's routing (`top_k` ids per token row, batch-major). The
+    /// planner thread traces it into each live request's activation matrix
+    /// and re-plans the prefetches for the layers ahead while the caller
+    /// goes on to fetch this layer's experts.
     pub fn observe(&self, layer: u32, ids: &[u32], top_k: usize) -> Result<()> {
-        let Some(tracer) = &self.shared.tracer else {
+        let Some(planning) = &self.planning else {
             return Ok(());
         };
         if layer as usize >= self.layout().num_layers() {
@@ -248,40 +258,37 @@ impl ExpertCache {
         {
             return Err(self.layout().id(layer, bad).unwrap_err());
         }
+        if top_k == 0 || ids.len() % top_k != 0 {
+            return Err(CoreError::Protocol(format!(
+                "{} routing ids of layer {layer} do not split into rows of top_k = {top_k}",
+                ids.len()
+            )));
+        }
         let stall_total = self.shared.lock().stats().stall_seconds;
         let timing = {
             let mut estimate = lock(&self.shared.timing);
             estimate.record_layer(layer as usize, Instant::now(), stall_total);
             estimate.timing(self.layout().max_expert_bytes())
         };
-        let mut tracer = lock(tracer);
-        if let Some(timing) = timing {
-            tracer.set_timing(timing);
-        }
-        let depth = self.shared.planner_depth;
-        let (scores, prefetch) = tracer.observe(layer as usize, ids, top_k)?;
-        self.shared
-            .lock()
-            .plan(&self.shared.queue, scores, &prefetch, depth);
-        Ok(())
+        planning.observe(layer as usize, ids.to_vec(), top_k, timing)
     }
 
     /// Writes the EAMC (finished requests only) to `path` atomically.
     pub fn save_eamc(&self, path: &Path) -> Result<()> {
-        match &self.shared.tracer {
-            Some(tracer) => lock(tracer).planner().collection().save(path),
+        match &self.planning {
+            Some(planning) => planning.settled()?.planner().collection().save(path),
             None => Err(CoreError::InvalidConfig(
                 "this model's MoE layers differ in expert count; it has no EAMC".into(),
             )),
         }
     }
 
-    /// Entries in the EAMC.
-    pub fn eamc_len(&self) -> usize {
-        self.shared
-            .tracer
-            .as_ref()
-            .map_or(0, |t| lock(t).planner().collection().len())
+    /// Entries in the EAMC, once every routing handed over is traced.
+    pub fn eamc_len(&self) -> Result<usize> {
+        match &self.planning {
+            Some(planning) => Ok(planning.settled()?.planner().collection().len()),
+            None => Ok(0),
+        }
     }
 
     /// Returns once the fetched expert's slot may be read on `stream`.
@@ -408,9 +415,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Plans from the planner thread reach the cache: the policy learns the
+/// retention scores, and the queue's stale prefetches make way for new ones.
+fn apply_plans(shared: Arc<Shared>, depth: usize) -> ApplyPlan {
+    Box::new(move |scores, prefetch| {
+        shared.lock().plan(&shared.queue, scores, prefetch, depth);
+    })
+}
+
 /// The tracer for a layout whose layers share one expert count, starting
 /// from the saved EAMC at `config.eamc_path` when given.
-fn tracer_for(layout: &ExpertLayout, config: &CacheConfig) -> Result<Option<Mutex<LiveTracer>>> {
+fn tracer_for(layout: &ExpertLayout, config: &CacheConfig) -> Result<Option<LiveTracer>> {
     let experts = layout.experts_in_layer(0) as usize;
     let uniform =
         (0..layout.num_layers() as u32).all(|l| layout.experts_in_layer(l) as usize == experts);
@@ -436,7 +451,7 @@ fn tracer_for(layout: &ExpertLayout, config: &CacheConfig) -> Result<Option<Mute
         }
         _ => Planner::new(layers, experts, config.planner.clone())?,
     };
-    Ok(Some(Mutex::new(LiveTracer::new(planner))))
+    Ok(Some(LiveTracer::new(planner)))
 }
 
 fn spawn_worker(shared: Arc<Shared>, index: usize) -> std::io::Result<JoinHandle<()>> {
@@ -465,6 +480,8 @@ fn fail_all(shared: &Shared, reason: &str) {
 
 impl Drop for ExpertCache {
     fn drop(&mut self) {
+        // The planner thread holds the shared state: stop it first.
+        self.planning.take();
         self.shared.queue.close();
         for worker in self.workers.drain(..) {
             let _ = worker.join();

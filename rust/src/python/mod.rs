@@ -169,9 +169,10 @@ impl PyExpertCache {
         py.detach(|| self.cache.save_eamc(&path)).map_err(to_py)
     }
 
+    /// Entries in the EAMC, once every routing handed over is traced.
     #[getter]
-    fn eamc_len(&self) -> usize {
-        self.cache.eamc_len()
+    fn eamc_len(&self, py: Python<'_>) -> PyResult<usize> {
+        py.detach(|| self.cache.eamc_len()).map_err(to_py)
     }
 
     fn slot_of(&self, layer: u32, expert: u32) -> PyResult<Option<u32>> {
@@ -193,6 +194,19 @@ impl PyExpertCache {
         d.set_item("prefetch_late", s.prefetch_late)?;
         d.set_item("prefetch_wasted", s.prefetch_wasted)?;
         d.set_item("prefetch_copies", s.prefetch_copies)?;
+        let rates: Vec<f64> = s
+            .layer_hits
+            .iter()
+            .zip(&s.layer_misses)
+            .map(|(&h, &m)| {
+                if h + m > 0 {
+                    h as f64 / (h + m) as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        d.set_item("layer_hit_rates", rates)?;
         Ok(d)
     }
 
@@ -232,5 +246,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_driver_status, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Benchmarks refuse to time an unoptimised build.
+    m.add("debug_build", cfg!(debug_assertions))?;
     Ok(())
 }

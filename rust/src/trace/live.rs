@@ -48,9 +48,8 @@ impl LiveTracer {
 
     /// One MoE layer's routing for the whole batch: `ids` holds `top_k` ids
     /// per token row, rows grouped by sequence (batch-major, as the model
-    /// flattens them). Returns the retention scores and prefetch candidates
-    /// for the layers ahead.
-    pub fn observe(&mut self, layer: usize, ids: &[u32], top_k: usize) -> Result<Plan<'_>> {
+    /// flattens them), traced into each live request.
+    pub fn record(&mut self, layer: usize, ids: &[u32], top_k: usize) -> Result<()> {
         if top_k == 0 || ids.len() % top_k != 0 {
             return Err(CoreError::Protocol(format!(
                 "{} routing ids do not split into rows of top_k = {top_k}",
@@ -71,6 +70,11 @@ impl LiveTracer {
             let rows = &ids[i * per_request * top_k..(i + 1) * per_request * top_k];
             self.planner.observe_rows(request, layer, rows, top_k)?;
         }
-        Ok(self.planner.plan(layer))
+        Ok(())
+    }
+
+    /// Retention scores and prefetch candidates for the layers after `layer`.
+    pub fn plan(&mut self, layer: usize) -> Plan<'_> {
+        self.planner.plan(layer)
     }
 }

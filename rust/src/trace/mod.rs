@@ -6,6 +6,7 @@ pub mod eam;
 pub mod eamc;
 pub mod live;
 pub mod matcher;
+pub mod planning;
 
 pub use eam::ActivationMatrix;
 pub use eamc::{ActivationCollection, Replacement};

@@ -1,0 +1,229 @@
+//! [`PlanningThread`]: tracing, EAMC matching and prefetch planning off the
+//! model's thread. A MoE layer hands its routing over and goes on to fetch
+//! its experts; this thread traces every routing into the live requests'
+//! activation matrices, then plans once for the newest layer it has seen
+//! (a backlog of layers is traced in full but planned once, so it cannot
+//! fall behind) and passes the plan to the cache.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use super::live::LiveTracer;
+use crate::error::{CoreError, Result};
+use crate::layout::ExpertId;
+use crate::planner::Timing;
+
+/// What the model's thread tells the planner thread, in order.
+enum Event {
+    Begin(usize),
+    End,
+    Observe {
+        layer: usize,
+        ids: Vec<u32>,
+        top_k: usize,
+        timing: Option<Timing>,
+    },
+    /// Answered once every earlier event is processed.
+    Flush(Sender<()>),
+}
+
+/// Receives each plan: retention scores and prefetch candidates, best first.
+pub type ApplyPlan = Box<dyn FnMut(&[f32], &[(ExpertId, f32)]) + Send>;
+
+pub struct PlanningThread {
+    sender: Option<Sender<Event>>,
+    handle: Option<JoinHandle<()>>,
+    tracer: Arc<Mutex<LiveTracer>>,
+    /// The first error the thread met, reported by the next call.
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl PlanningThread {
+    pub fn spawn(tracer: LiveTracer, apply: ApplyPlan) -> Result<Self> {
+        let (sender, events) = channel();
+        let tracer = Arc::new(Mutex::new(tracer));
+        let failure = Arc::new(Mutex::new(None));
+        let handle = {
+            let (tracer, failure) = (Arc::clone(&tracer), Arc::clone(&failure));
+            std::thread::Builder::new()
+                .name("moe-offload-planner".into())
+                .spawn(move || serve(&events, &tracer, &failure, apply))
+                .map_err(|e| CoreError::InvalidConfig(format!("cannot start the planner: {e}")))?
+        };
+        Ok(Self {
+            sender: Some(sender),
+            handle: Some(handle),
+            tracer,
+            failure,
+        })
+    }
+
+    fn send(&self, event: Event) -> Result<()> {
+        if let Some(reason) = lock(&self.failure).as_ref() {
+            return Err(CoreError::Protocol(format!(
+                "request tracing failed: {reason}"
+            )));
+        }
+        self.sender
+            .as_ref()
+            .and_then(|s| s.send(event).ok())
+            .ok_or_else(|| CoreError::Protocol("the planner thread has stopped".into()))
+    }
+
+    pub fn begin_requests(&self, n: usize) -> Result<()> {
+        self.send(Event::Begin(n))
+    }
+
+    pub fn end_requests(&self) -> Result<()> {
+        self.send(Event::End)
+    }
+
+    /// Hands one layer's routing over (checked by the caller).
+    pub fn observe(
+        &self,
+        layer: usize,
+        ids: Vec<u32>,
+        top_k: usize,
+        timing: Option<Timing>,
+    ) -> Result<()> {
+        self.send(Event::Observe {
+            layer,
+            ids,
+            top_k,
+            timing,
+        })
+    }
+
+    /// The tracer once every event sent so far is processed.
+    pub fn settled(&self) -> Result<MutexGuard<'_, LiveTracer>> {
+        let (reply, done) = channel();
+        self.send(Event::Flush(reply))?;
+        done.recv()
+            .map_err(|_| CoreError::Protocol("the planner thread has stopped".into()))?;
+        if let Some(reason) = lock(&self.failure).as_ref() {
+            return Err(CoreError::Protocol(format!(
+                "request tracing failed: {reason}"
+            )));
+        }
+        Ok(lock(&self.tracer))
+    }
+}
+
+impl Drop for PlanningThread {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn serve(
+    events: &Receiver<Event>,
+    tracer: &Mutex<LiveTracer>,
+    failure: &Mutex<Option<String>>,
+    mut apply: ApplyPlan,
+) {
+    while let Ok(first) = events.recv() {
+        let mut tracer = lock(tracer);
+        let mut newest = None;
+        let mut flushes = Vec::new();
+        for event in std::iter::once(first).chain(events.try_iter()) {
+            let outcome = match event {
+                Event::Begin(n) => {
+                    newest = None;
+                    tracer.begin_requests(n)
+                }
+                Event::End => {
+                    newest = None;
+                    tracer.end_requests()
+                }
+                Event::Observe {
+                    layer,
+                    ids,
+                    top_k,
+                    timing,
+                } => {
+                    if let Some(timing) = timing {
+                        tracer.set_timing(timing);
+                    }
+                    newest = Some(layer);
+                    tracer.record(layer, &ids, top_k)
+                }
+                Event::Flush(reply) => {
+                    flushes.push(reply);
+                    Ok(())
+                }
+            };
+            if let Err(e) = outcome {
+                lock(failure).get_or_insert(e.to_string());
+            }
+        }
+        if let Some(layer) = newest {
+            let (scores, prefetch) = tracer.plan(layer);
+            apply(scores, &prefetch);
+        }
+        drop(tracer);
+        for reply in flushes {
+            let _ = reply.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::{Planner, PlannerConfig};
+
+    #[test]
+    fn every_routing_is_traced_in_order_and_plans_reach_the_cache() {
+        let planner = Planner::new(2, 4, PlannerConfig::default()).unwrap();
+        let plans = Arc::new(Mutex::new(0usize));
+        let counted = Arc::clone(&plans);
+        let thread = PlanningThread::spawn(
+            LiveTracer::new(planner),
+            Box::new(move |scores, _| {
+                assert_eq!(scores.len(), 8);
+                *lock(&counted) += 1;
+            }),
+        )
+        .unwrap();
+        for request in 0..3u32 {
+            thread.begin_requests(1).unwrap();
+            for _token in 0..5 {
+                thread.observe(0, vec![request, 3], 2, None).unwrap();
+                thread.observe(1, vec![request], 1, None).unwrap();
+            }
+        }
+        // The batch that holds the last routing is planned before the flush
+        // is answered.
+        drop(thread.settled().unwrap());
+        assert!(*lock(&plans) >= 1);
+        thread.end_requests().unwrap();
+        let tracer = thread.settled().unwrap();
+        let eamc = tracer.planner().collection();
+        assert_eq!(eamc.len(), 3);
+        for request in 0..3 {
+            let counts = eamc.entry(request);
+            assert_eq!(counts.get(0, request), 5);
+            assert_eq!(counts.get(0, 3), 5);
+            assert_eq!(counts.get(1, request), 5);
+        }
+    }
+
+    #[test]
+    fn a_failure_is_reported_by_the_next_call() {
+        let planner = Planner::new(1, 4, PlannerConfig::default()).unwrap();
+        let thread = PlanningThread::spawn(LiveTracer::new(planner), Box::new(|_, _| {})).unwrap();
+        // Three ids do not split into rows of two.
+        thread.observe(0, vec![0, 1, 2], 2, None).unwrap();
+        let error = thread.settled().err().expect("the bad routing is reported");
+        assert!(error.to_string().contains("top_k = 2"), "{error}");
+        assert!(thread.begin_requests(1).is_err());
+    }
+}
