@@ -82,3 +82,24 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error():
 )
 def test_sizes_parse(value, expected):
     assert moe_offload.parse_size(value) == expected
+
+
+def test_a_failure_half_way_through_patching_leaves_the_model_as_it_was(monkeypatch):
+    from moe_offload import offloader as offloading
+
+    model = build("qwen2_moe")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    real_fill = offloading._fill_host_tier
+
+    def fill_then_fail_at_block_two(cache, layer, block):
+        if layer == 2:
+            raise MoeOffloadError("disk on fire")
+        real_fill(cache, layer, block)
+
+    monkeypatch.setattr(offloading, "_fill_host_tier", fill_then_fail_at_block_two)
+    with pytest.raises(MoeOffloadError, match="disk on fire"):
+        moe_offload.patch(model, device="cpu")
+    assert not moe_offload.is_patched(model)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], value) for name, value in before.items())

@@ -69,8 +69,12 @@ def test_budget_is_respected_and_unpatch_restores_the_exact_parameters():
     budget = int(0.25 * expert_bytes(model))
     offloader = moe_offload.patch(model, device="cpu", device_budget=budget)
 
-    # While patched, expert weights hold no memory in the model itself.
+    # While patched, expert weights hold no memory in the model itself: the
+    # module sees data-less placeholders, and the original parameter objects
+    # (kept for unpatch) have released their storage.
     assert model.model.layers[0].mlp.experts.gate_up_proj.is_meta
+    experts = [p for name, p in params_before.items() if ".experts." in name]
+    assert experts and all(p.untyped_storage().nbytes() == 0 for p in experts)
     generate(model, prompt("mixtral", seed=5))
     stats = offloader.stats()
     assert stats["misses"] > 0

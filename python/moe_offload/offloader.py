@@ -186,13 +186,18 @@ def patch(
         prefetch_depth=prefetch_depth,
     )
     tracker = RequestTracker(cache)
-    _fill_host_tier(cache, blocks, show_progress)
-    # Nothing in the model has changed so far; from here on, undo on failure.
+    # Block by block, the experts go into the host tier and the model's own
+    # copies are freed, so memory holds each expert once (plus one block).
+    # From the first block on, a failure undoes what was done.
     offloaded: list[ExpertBlock] = []
+    total = sum(b.num_experts * b.expert_bytes for b in blocks)
     try:
-        for layer, block in enumerate(blocks):
-            block.offload(LayerRuntime(cache, layer, pool, block.specs, tracker))
-            offloaded.append(block)
+        with progress(total, "moving experts to the host tier", show_progress) as bar:
+            for layer, block in enumerate(blocks):
+                _fill_host_tier(cache, layer, block)
+                block.offload(LayerRuntime(cache, layer, pool, block.specs, tracker))
+                offloaded.append(block)
+                bar.update(block.num_experts * block.expert_bytes)
         _move_non_experts(model, target)
     except BaseException:
         _restore(cache, offloaded, target)
@@ -309,15 +314,11 @@ def _budget(
     return budget
 
 
-def _fill_host_tier(cache: ExpertCache, blocks: list[ExpertBlock], show_progress: bool | None) -> None:
-    total = sum(b.num_experts * b.expert_bytes for b in blocks)
-    with progress(total, "moving experts to the host tier", show_progress) as bar:
-        for layer, block in enumerate(blocks):
-            for expert in range(block.num_experts):
-                for spec, tensor in block.expert_tensors(expert):
-                    host = _host_copy(block, spec, tensor)
-                    cache.write_expert(layer, expert, spec.offset, host.data_ptr(), spec.nbytes)
-                bar.update(block.expert_bytes)
+def _fill_host_tier(cache: ExpertCache, layer: int, block: ExpertBlock) -> None:
+    for expert in range(block.num_experts):
+        for spec, tensor in block.expert_tensors(expert):
+            host = _host_copy(block, spec, tensor)
+            cache.write_expert(layer, expert, spec.offset, host.data_ptr(), spec.nbytes)
 
 
 def _host_copy(block: ExpertBlock, spec: TensorSpec, tensor: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,15 @@ def meta_placeholder(param: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
 
 
+def free_storage(param: nn.Parameter) -> None:
+    """Releases the memory behind an offloaded parameter (kept as an object,
+    without data, for `unpatch` to refill): the host tier now holds its values."""
+    try:
+        param.untyped_storage().resize_(0)
+    except RuntimeError:
+        pass  # storage that cannot shrink (e.g. memory-mapped) is left to its owner
+
+
 class ExpertBlock(ABC):
     """The routed experts of one MoE layer, as a module of the model holds them."""
 

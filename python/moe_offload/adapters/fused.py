@@ -20,7 +20,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moe_offload._core import UnsupportedModelError
-from moe_offload.adapters.base import ExpertBlock, TensorSpec, meta_placeholder, pack
+from moe_offload.adapters.base import ExpertBlock, TensorSpec, free_storage, meta_placeholder, pack
 
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
@@ -75,6 +75,7 @@ class FusedExperts(ExpertBlock):
         for name in self.names:
             self._originals[name] = self.module._parameters[name]
             self.module._parameters[name] = meta_placeholder(self._originals[name])
+            free_storage(self._originals[name])
         self.module._moe_offload = runtime
         config = self.module.config
         self._config_implementation = config._experts_implementation

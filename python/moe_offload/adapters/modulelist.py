@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from moe_offload.adapters.base import ExpertBlock, TensorSpec, meta_placeholder, pack
+from moe_offload.adapters.base import ExpertBlock, TensorSpec, free_storage, meta_placeholder, pack
 
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
@@ -70,6 +70,8 @@ class ExpertContainer(ExpertBlock):
             originals = dict(expert.named_parameters())
             placeholders = {n: meta_placeholder(p) for n, p in originals.items()}
             _install(expert, placeholders)
+            for param in originals.values():
+                free_storage(param)
             self._originals.append(originals)
             self._placeholders.append(placeholders)
             self._hooks.append(expert.register_forward_pre_hook(_fetch_hook(runtime, index)))
