@@ -129,4 +129,5 @@ def test_generation_with_a_batch_and_a_roomy_budget():
     stats = offloader.stats()
     moe_offload.unpatch(model)
     assert torch.equal(tokens, plain) and torch.equal(logits, plain_logits)
-    assert stats["evictions"] == 0 and stats["hits"] > stats["misses"]
+    # A budget that holds every expert loads them all at patch time.
+    assert stats["evictions"] == 0 and stats["misses"] == 0 and stats["hits"] > 0

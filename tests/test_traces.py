@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import numpy as np
 import pytest
@@ -30,6 +31,9 @@ def test_native_traces_round_trip(tmp_path):
     record = json.loads(path.read_text().splitlines()[1])
     assert record["experts"][2][4] == requests[0].routing[4, 2].tolist()
     assert [p.name for p in tmp_path.iterdir()] == ["t.jsonl"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask, "the mode a plain open would give"
 
 
 def test_moe_beyond_csv_is_read_in_file_name_order(tmp_path):

@@ -26,7 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     _replay_parser(commands)
+    _bench_parser(commands)
     return parser
+
+
+def _bench_parser(commands: argparse._SubParsersAction) -> None:
+    from moe_offload.bench import e2e
+
+    bench = commands.add_parser(
+        "bench",
+        help="per-token latency of a real model shape under every system, side by side",
+        description=e2e.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e2e.add_arguments(bench)
 
 
 def _replay_parser(commands: argparse._SubParsersAction) -> None:
@@ -80,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             return run(args.layers, args.experts, args.hidden, args.tokens, args.budget_fraction, args.seed)
         if args.command == "replay":
             return _replay(args)
+        if args.command == "bench":
+            from moe_offload.bench import e2e
+
+            return e2e.main(args)
     except MoeOffloadError as e:
         print(f"moe-offload: {e}", file=sys.stderr)
         return 2

@@ -199,6 +199,8 @@ def patch(
                 offloaded.append(block)
                 bar.update(block.num_experts * block.expert_bytes)
         _move_non_experts(model, target)
+        if n_slots == sum(b.num_experts for b in blocks):
+            _load_every_expert(cache, blocks)
     except BaseException:
         _restore(cache, offloaded, target)
         raise
@@ -312,6 +314,18 @@ def _budget(
             f"{minimum} bytes."
         )
     return budget
+
+
+def _load_every_expert(cache: ExpertCache, blocks: list[ExpertBlock]) -> None:
+    """A budget that holds every expert: copy them all now, so that no
+    forward pass waits for one."""
+    for layer, block in enumerate(blocks):
+        experts = list(range(block.num_experts))
+        cache.fetch(layer, experts)
+        for expert in experts:
+            cache.wait(layer, expert)
+        cache.release(layer, experts)
+    cache.reset_stats()
 
 
 def _fill_host_tier(cache: ExpertCache, layer: int, block: ExpertBlock) -> None:

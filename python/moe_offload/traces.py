@@ -27,8 +27,6 @@ import csv
 import gzip
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import IO
 import numpy as np
 
 from moe_offload._core import MoeOffloadError
+from moe_offload.files import atomic_write
 
 FORMATS = ("auto", "jsonl", "moe-beyond", "speculative-moe")
 NATIVE = "moe-offload-trace"
@@ -113,19 +112,15 @@ def write_trace(path: str | Path, trace: Trace) -> None:
         "top_k": trace.top_k,
         "source": trace.source,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as out:
             out.write(json.dumps(header) + "\n")
             for request in trace.requests:
                 layers = request.routing.transpose(1, 0, 2).tolist()
                 out.write(json.dumps({"request": request.name, "experts": layers}) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def _expand(paths: Iterable[str | Path]) -> Iterator[tuple[Path, bool]]:

@@ -1,0 +1,442 @@
+"""`moe-offload bench`: per-token decode latency of one model shape under
+every system, one after another in one process, on the same weights and the
+same replayed routing:
+
+1. every expert resident on the device (skipped, with a note, when the
+   model does not fit),
+2. moe-offload with policy `lru` and no prefetching,
+3. moe-offload with policy `reference` (the published MoE-Infinity
+   implementation's behaviour),
+4. moe-offload `activation-aware` (the default), its EAMC warmed on
+   requests disjoint from the measured ones, at several device budgets,
+5. accelerate's offload (`device_map` with the experts on the CPU; on a CPU
+   device, on disk) — last, since it leaves the model dispatched.
+
+Each system serves the same warm-up requests first, unmeasured, then the
+measured ones: a prefill of the prompt (time to first token) and greedy
+decode steps, each timed on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import moe_offload
+from moe_offload._core import MoeOffloadError
+from moe_offload.adapters import find_expert_blocks
+from moe_offload.bench import shapes
+from moe_offload.bench.router_replay import RouterReplay
+from moe_offload.sizes import format_size
+from moe_offload.traces import FORMATS, read_trace
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# On a CPU device a real shape would take hours: unless told otherwise the
+# benchmark scales it down (real expert count, top-k and routing) and runs
+# float32, which CPUs compute fastest.
+CPU_LAYERS, CPU_HIDDEN = 4, 512
+
+
+@dataclass
+class Settings:
+    model: str = "deepseek-v2-lite"
+    trace: list[Path] = field(default_factory=list)
+    trace_format: str = "auto"
+    device: str = "cpu"
+    dtype: str | None = None
+    layers: int | None = None
+    hidden: int | None = None
+    experts: int | None = None
+    budget_fraction: float = 0.25
+    sweep: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    requests: int = 4
+    warmup_requests: int = 4
+    prompt_tokens: int = 16
+    new_tokens: int = 32
+    seed: int = 0
+    skip_accelerate: bool = False
+
+
+@dataclass
+class Request:
+    prompt: torch.Tensor
+    routing: np.ndarray | None
+
+
+@dataclass
+class Run:
+    """What one system did over the measured requests."""
+
+    tokens: list[list[int]] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    first_token: list[float] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+    bytes_to_device: int = 0
+
+    def summary(self, resident_median: float | None) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+        median = statistics.median(ordered)
+        fetches = self.hits + self.misses
+        return {
+            "median_ms": median * 1e3,
+            "p90_ms": _percentile(ordered, 0.90) * 1e3,
+            "p99_ms": _percentile(ordered, 0.99) * 1e3,
+            "ttft_ms": statistics.median(self.first_token) * 1e3,
+            "tokens_per_s": len(ordered) / sum(ordered),
+            "bytes_per_token": self.bytes_to_device / len(ordered),
+            "hit_rate": self.hits / fetches if fetches else None,
+            "ratio_to_resident": median / resident_median if resident_median else None,
+            "latencies_ms": [x * 1e3 for x in self.latencies],
+        }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Decoder:
+    """Greedy decoding with one timed forward pass per token."""
+
+    def __init__(self, model: nn.Module, device: torch.device, replay: RouterReplay | None) -> None:
+        self.model = model
+        self.device = device
+        self.replay = replay
+        # transformers renamed the key/value cache argument (and output).
+        self.cache_kwarg = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
+
+    def step(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        kwargs = {self.cache_kwarg: cache} if cache is not None else {}
+        out = self.model(input_ids=ids.to(self.device), use_cache=True, **kwargs)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits[:, -1:].argmax(-1), cache
+
+    def serve(self, requests: list[Request], new_tokens: int, run: Run | None, stats: Any = None) -> None:
+        """Serves `requests`; records into `run` when given. `stats` returns
+        (hits, misses, bytes to device) so decode steps can be told apart."""
+        with torch.no_grad():
+            for request in requests:
+                if self.replay is not None and request.routing is not None:
+                    self.replay.start(request.routing)
+                _sync(self.device)
+                started = time.perf_counter()
+                token, cache = self.step(request.prompt, None)
+                _sync(self.device)
+                tokens = [int(token)]
+                if run is not None:
+                    run.first_token.append(time.perf_counter() - started)
+                before = stats() if stats and run is not None else None
+                for _ in range(new_tokens - 1):
+                    _sync(self.device)
+                    started = time.perf_counter()
+                    token, cache = self.step(token, cache)
+                    _sync(self.device)
+                    if run is not None:
+                        run.latencies.append(time.perf_counter() - started)
+                    tokens.append(int(token))
+                if run is None:
+                    continue
+                run.tokens.append(tokens)
+                if before is not None:
+                    after = stats()
+                    run.hits += after[0] - before[0]
+                    run.misses += after[1] - before[1]
+                    run.bytes_to_device += after[2] - before[2]
+
+
+def _requests(
+    settings: Settings, vocab: int, replay: RouterReplay | None
+) -> tuple[list[Request], list[Request]]:
+    """Warm-up and measured requests: prompts of random tokens and, with a
+    trace, the routing of disjoint trace requests long enough to serve."""
+    needed = settings.prompt_tokens + settings.new_tokens
+    count = settings.warmup_requests + settings.requests
+    routings: list[np.ndarray | None] = [None] * count
+    if settings.trace:
+        trace = read_trace(settings.trace, settings.trace_format)
+        assert replay is not None
+        replay.check(trace.num_layers, trace.num_experts, trace.top_k)
+        long_enough = [r.routing for r in trace.requests if r.tokens >= needed]
+        if len(long_enough) < count:
+            raise MoeOffloadError(
+                f"the trace has {len(long_enough)} requests of at least {needed} tokens; {count} are needed "
+                "(lower --requests, --warmup-requests, --prompt-tokens or --new-tokens)"
+            )
+        routings = list(long_enough[:count])
+    generator = torch.Generator().manual_seed(settings.seed)
+    made = [
+        Request(torch.randint(0, vocab, (1, settings.prompt_tokens), generator=generator), routing)
+        for routing in routings
+    ]
+    return made[: settings.warmup_requests], made[settings.warmup_requests :]
+
+
+def _expert_bytes(model: nn.Module) -> int:
+    return sum(b.num_experts * b.expert_bytes for b in find_expert_blocks(model))
+
+
+def _fits(model: nn.Module, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    return need < 0.9 * free
+
+
+def _resident(model: nn.Module, device: torch.device, settings: Settings, work: Any) -> Run | None:
+    if not _fits(model, device):
+        return None
+    model.to(device)
+    run = Run()
+    decoder = Decoder(model, device, work.replay)
+    decoder.serve(work.warmup[:1], settings.new_tokens, None)
+    decoder.serve(work.measured, settings.new_tokens, run)
+    model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return run
+
+
+def _offloaded(
+    model: nn.Module, device: torch.device, settings: Settings, work: Any, policy: str, fraction: float
+) -> tuple[Run, dict[str, Any]]:
+    budget = max(1, int(fraction * work.expert_bytes))
+    # The warm-up requests fill the EAMC (and the caches) before measuring.
+    offloader = moe_offload.patch(model, device=device, device_budget=budget, policy=policy)
+    try:
+        decoder = Decoder(model, device, work.replay)
+        decoder.serve(work.warmup, settings.new_tokens, None)
+        offloader.reset_stats()
+        run = Run()
+
+        def counters() -> tuple[int, int, int]:
+            s = offloader.stats()
+            return s["hits"], s["misses"], s["bytes_to_device"]
+
+        decoder.serve(work.measured, settings.new_tokens, run, counters)
+        stats = offloader.stats()
+    finally:
+        moe_offload.unpatch(model)
+    return run, {"budget_bytes": budget, "slots": stats["slots"], "backend": stats["backend"]}
+
+
+def _accelerate(model: nn.Module, device: torch.device, settings: Settings, work: Any) -> tuple[Run, str]:
+    """accelerate's offload: experts on the CPU (on disk when the device is
+    the CPU), moved to the device for each forward pass."""
+    from accelerate import dispatch_model
+
+    target = "cpu" if device.type == "cuda" else "disk"
+    experts = {b.name for b in find_expert_blocks(model)}
+    device_map: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if name in experts:
+            device_map[name] = target
+        elif not any(name.startswith(e + ".") for e in experts) and (
+            next(module.parameters(recurse=False), None) is not None
+            or next(module.buffers(recurse=False), None) is not None
+        ):
+            device_map[name] = str(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        dispatch_model(model, device_map=device_map, main_device=str(device), offload_dir=tmp)
+        decoder = Decoder(model, device, work.replay)
+        decoder.serve(work.warmup[:1], settings.new_tokens, None)
+        run = Run()
+        decoder.serve(work.measured, settings.new_tokens, run)
+    return run, f"experts offloaded to {target}"
+
+
+@dataclass
+class Workload:
+    replay: RouterReplay | None
+    warmup: list[Request]
+    measured: list[Request]
+    expert_bytes: int
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu": _cpu_name(), "cores": _cores(), "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["pcie_generation"] = _pcie_generation(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cores() -> int | None:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _pcie_generation(device: torch.device) -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = "pcie.link.gen.current,pcie.link.gen.max"
+    index = device.index or 0
+    result = subprocess.run(
+        ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader", f"--id={index}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() or None
+
+
+def _commit() -> str | None:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() or None
+
+
+def run(settings: Settings, log: Any = print) -> dict[str, Any]:
+    """Measures every system; returns the results report."""
+    device = torch.device(settings.device)
+    config = shapes.config_for(settings.model, settings.layers, settings.hidden, settings.experts)
+    model = shapes.build(config, DTYPES[settings.dtype or "float32"], settings.seed)
+    replay = RouterReplay(model) if settings.trace else None
+    warmup, measured = _requests(settings, config.vocab_size, replay)
+    work = Workload(replay, warmup, measured, _expert_bytes(model))
+    params = sum(p.numel() for p in model.parameters())
+    log(
+        f"{settings.model}: {shapes.moe_layers(config, settings.model)} MoE layers, "
+        f"{params / 1e9:.2f} B parameters, {format_size(work.expert_bytes)} of experts, {settings.dtype}, "
+        f"on {device}; routing {'replayed from the trace' if replay else 'by the random router'}"
+    )
+    systems: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    started = time.perf_counter()
+
+    log("resident ...")
+    resident = _resident(model, device, settings, work)
+    base = statistics.median(resident.latencies) if resident else None
+    if resident is None:
+        notes.append("resident: skipped, the model does not fit on the device")
+    else:
+        systems["resident"] = resident.summary(base)
+    runs = {"resident": resident} if resident else {}
+
+    fractions = sorted({*settings.sweep, settings.budget_fraction})
+    plan = [("lru", "lru", settings.budget_fraction), ("reference", "reference", settings.budget_fraction)]
+    plan += [(f"activation-aware {f:.0%}", "activation-aware", f) for f in fractions]
+    for name, policy, fraction in plan:
+        log(f"{name} ...")
+        result, extra = _offloaded(model, device, settings, work, policy, fraction)
+        systems[name] = dict(result.summary(base), policy=policy, budget_fraction=fraction, **extra)
+        runs[name] = result
+
+    if not settings.skip_accelerate:
+        log("accelerate ...")
+        result, note = _accelerate(model, device, settings, work)
+        systems["accelerate"] = dict(result.summary(base), note=note)
+        runs["accelerate"] = result
+    else:
+        notes.append("accelerate: skipped on request")
+
+    reference = runs.get("resident") or runs["lru"]
+    for name, result in runs.items():
+        systems[name]["same_tokens_as_resident" if resident else "same_tokens_as_lru"] = (
+            result.tokens == reference.tokens
+        )
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": _commit(),
+        "version": moe_offload.__version__,
+        "machine": machine(device),
+        "settings": {k: (list(map(str, v)) if k == "trace" else v) for k, v in asdict(settings).items()},
+        "model": {
+            "shape": settings.model,
+            "moe_layers": shapes.moe_layers(config, settings.model),
+            "parameters": params,
+            "expert_bytes": work.expert_bytes,
+            "hidden": config.hidden_size,
+        },
+        "systems": systems,
+        "default_system": f"activation-aware {settings.budget_fraction:.0%}",
+        "notes": notes,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Settings()
+    parser.add_argument("--model", choices=list(shapes.SHAPES), default=d.model, help="model shape")
+    parser.add_argument(
+        "--trace", nargs="+", type=Path, default=[], help="routing trace files or directories"
+    )
+    parser.add_argument("--format", dest="trace_format", choices=FORMATS, default=d.trace_format)
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default=d.dtype, help="default: float32 on a CPU, else bfloat16"
+    )
+    parser.add_argument(
+        "--layers", type=int, help=f"MoE layers (scaled-down variant; on a CPU device default {CPU_LAYERS})"
+    )
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        help=f"hidden size, widths scale along (scaled-down variant; on a CPU device default {CPU_HIDDEN})",
+    )
+    parser.add_argument("--experts", type=int, help="routed experts per layer (scaled-down variant)")
+    parser.add_argument("--budget-fraction", type=float, default=d.budget_fraction)
+    parser.add_argument(
+        "--sweep", type=float, nargs="*", default=d.sweep, help="device budgets for the default policy"
+    )
+    parser.add_argument("--requests", type=int, default=d.requests, help="measured requests")
+    parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
+    parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
+    parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--skip-accelerate", action="store_true")
+    parser.add_argument("--out", type=Path, help="write results.json, results.md and latency.png here")
+
+
+def main(args: argparse.Namespace) -> int:
+    from moe_offload.bench.report import write_report
+
+    settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__})
+    on_cpu = torch.device(settings.device).type == "cpu"
+    if on_cpu and settings.layers is None and settings.hidden is None:
+        settings.layers, settings.hidden = CPU_LAYERS, CPU_HIDDEN
+    if settings.dtype is None:
+        settings.dtype = "float32" if on_cpu else "bfloat16"
+    if settings.requests < 1 or settings.new_tokens < 2 or settings.prompt_tokens < 1:
+        raise MoeOffloadError("--requests, --prompt-tokens must be at least 1 and --new-tokens at least 2")
+    report = run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+    from moe_offload.bench.report import markdown
+
+    print(markdown(report))
+    if args.out is not None:
+        write_report(report, args.out)
+        print(f"\nwrote {args.out}/results.json, results.md, latency.png", file=sys.stderr)
+    return 0
