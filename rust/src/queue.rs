@@ -189,6 +189,57 @@ impl PrefetchQueue {
     }
 }
 
+/// Pushes `per_producer` requests from each of `producers` threads (every
+/// third on demand, the rest prefetches of varying priority) while
+/// `consumers` threads pop until the queue is closed and drained; returns
+/// the experts each consumer received. The load behind the concurrency
+/// test and the throughput benchmark.
+pub fn exercise(producers: u32, consumers: usize, per_producer: u32) -> Vec<Vec<ExpertId>> {
+    let queue = std::sync::Arc::new(PrefetchQueue::new());
+    let consumers: Vec<_> = (0..consumers)
+        .map(|_| {
+            let queue = std::sync::Arc::clone(&queue);
+            std::thread::spawn(move || {
+                std::iter::from_fn(|| queue.pop())
+                    .map(|r| r.expert)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let producers: Vec<_> = (0..producers)
+        .map(|p| {
+            let queue = std::sync::Arc::clone(&queue);
+            std::thread::spawn(move || {
+                for i in 0..per_producer {
+                    let expert = p * per_producer + i;
+                    let urgency = if i % 3 == 0 {
+                        Urgency::OnDemand
+                    } else {
+                        Urgency::Prefetch((i % 17) as f32)
+                    };
+                    queue.push(CopyRequest {
+                        expert,
+                        slot: None,
+                        urgency,
+                    });
+                    if i % 101 == 0 {
+                        // Re-planning concurrently loses nothing it does not remove.
+                        queue.promote(expert);
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.join().expect("a producer panicked");
+    }
+    queue.close();
+    consumers
+        .into_iter()
+        .map(|c| c.join().expect("a consumer panicked"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,46 +321,11 @@ mod tests {
     #[test]
     fn no_request_is_lost_or_duplicated_under_concurrency() {
         const PRODUCERS: u32 = 4;
-        const CONSUMERS: usize = 4;
         const PER_PRODUCER: u32 = 5_000;
-        let queue = Arc::new(PrefetchQueue::new());
-        let consumers: Vec<_> = (0..CONSUMERS)
-            .map(|_| {
-                let queue = Arc::clone(&queue);
-                thread::spawn(move || {
-                    std::iter::from_fn(|| queue.pop())
-                        .map(|r| r.expert)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        let producers: Vec<_> = (0..PRODUCERS)
-            .map(|p| {
-                let queue = Arc::clone(&queue);
-                thread::spawn(move || {
-                    for i in 0..PER_PRODUCER {
-                        let id = p * PER_PRODUCER + i;
-                        if i % 3 == 0 {
-                            queue.push(on_demand(id));
-                        } else {
-                            queue.push(prefetch(id, (i % 17) as f32));
-                        }
-                        if i % 101 == 0 {
-                            // Replanning concurrently must not lose what it does not remove.
-                            queue.promote(id);
-                        }
-                    }
-                })
-            })
-            .collect();
-        for p in producers {
-            p.join().unwrap();
-        }
-        queue.close();
         let mut seen = HashSet::new();
         let mut total = 0;
-        for c in consumers {
-            for id in c.join().unwrap() {
+        for received in exercise(PRODUCERS, 4, PER_PRODUCER) {
+            for id in received {
                 assert!(seen.insert(id), "request {id} delivered twice");
                 total += 1;
             }

@@ -217,3 +217,21 @@ impl PyMatcher {
             .best(&eamc, n)
     }
 }
+
+/// The prefetch queue under `producers` pushing threads and `consumers`
+/// popping ones, for its throughput benchmark; returns how many requests
+/// were delivered (all of them: `producers * per_producer`).
+#[pyfunction]
+pub fn exercise_queue(
+    py: Python<'_>,
+    producers: u32,
+    consumers: usize,
+    per_producer: u32,
+) -> usize {
+    py.detach(|| {
+        crate::queue::exercise(producers, consumers, per_producer)
+            .iter()
+            .map(Vec::len)
+            .sum()
+    })
+}

@@ -243,6 +243,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<lab::PyActivationCollection>()?;
     m.add_class::<lab::PyMatcher>()?;
     m.add_function(wrap_pyfunction!(lab::replay, m)?)?;
+    m.add_function(wrap_pyfunction!(lab::exercise_queue, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_status, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
