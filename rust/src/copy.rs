@@ -112,4 +112,13 @@ impl WorkerCopier {
             }
         }
     }
+
+    /// Returns once this worker's copies have completed, so their source
+    /// may be reused (a host-cache slot).
+    pub fn wait_done(&self) -> Result<()> {
+        match self {
+            Self::Host => Ok(()),
+            Self::Cuda(stream) => Ok(stream.synchronize()?),
+        }
+    }
 }

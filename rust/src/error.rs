@@ -43,6 +43,10 @@ pub enum CoreError {
         expert: u32,
         reason: String,
     },
+    /// An expert store that cannot be read, written or trusted; `path` is
+    /// the file or directory at fault.
+    #[error("{path}: {reason}")]
+    Store { path: String, reason: String },
     /// An EAMC file that cannot be used.
     #[error("EAMC file {path}: {reason}")]
     EamcFile { path: String, reason: String },

@@ -178,7 +178,7 @@ impl CacheCore {
         let slot = match (request.slot, request.urgency) {
             (Some(slot), _) => slot,
             (None, Urgency::Prefetch(_)) => self.admit_prefetch(request.expert)?,
-            (None, Urgency::OnDemand) => return None,
+            (None, Urgency::OnDemand | Urgency::Stage) => return None,
         };
         self.pool.start_copy(slot, request.expert).ok()?;
         Some(CopyJob {

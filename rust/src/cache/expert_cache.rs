@@ -8,6 +8,10 @@
 //!    `stream` (host: the copy is done; CUDA: `stream` waits on its event).
 //! 3. `release(layer, experts, stream)` unpins; on CUDA the slot is not
 //!    overwritten before `stream` has passed this point.
+//!
+//! Behind the slots sits either the host tier holding every expert
+//! ([`ExpertCache::new`]) or the expert store on disk read into a bounded
+//! host cache ([`ExpertCache::with_store`]); the protocol is the same.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -16,16 +20,19 @@ use std::time::Instant;
 
 use moe_offload_cuda::Context;
 
-use super::core::CacheCore;
+use super::core::{CacheCore, CopyJob};
 use super::policy_by_name;
 use crate::copy::{CopyBackend, CudaCopies, WorkerCopier};
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::planner::{Planner, PlannerConfig};
-use crate::queue::PrefetchQueue;
+use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
 use crate::stats::Stats;
 use crate::tiers::device::{Phase, SlotPool};
 use crate::tiers::host::HostTier;
+use crate::tiers::host_cache::HostCacheStats;
+use crate::tiers::source::{ExpertSource, StoredExperts};
+use crate::tiers::store::ExpertStore;
 use crate::trace::live::LiveTracer;
 use crate::trace::ActivationCollection;
 
@@ -59,7 +66,7 @@ pub struct CacheConfig {
 }
 
 struct Shared {
-    host: HostTier,
+    source: ExpertSource,
     state: Mutex<CacheCore>,
     copied: Condvar,
     queue: PrefetchQueue,
@@ -68,6 +75,16 @@ struct Shared {
     /// Request tracing and prefetch planning; `None` when layers differ in
     /// expert count (the EAMC needs one L×E shape).
     tracer: Option<Mutex<LiveTracer>>,
+    /// Preloads in progress (see [`ExpertCache::preload`]).
+    staging: Mutex<Staging>,
+    staged: Condvar,
+}
+
+/// Stage requests not yet served, and the first failure among them.
+#[derive(Default)]
+struct Staging {
+    pending: usize,
+    failure: Option<CoreError>,
 }
 
 /// The device expert cache and its copy workers.
@@ -77,7 +94,43 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
+    /// A cache whose host tier holds every expert (filled by `write_expert`).
     pub fn new(config: CacheConfig) -> Result<Self> {
+        Self::build(config, |layout, cuda| {
+            Ok(ExpertSource::Resident(HostTier::new(layout.clone(), cuda)?))
+        })
+    }
+
+    /// A cache reading experts from `store` into a host cache of
+    /// `host_slots` slots; the store's layout must be `config.layers`.
+    pub fn with_store(
+        config: CacheConfig,
+        store: Arc<ExpertStore>,
+        host_slots: usize,
+    ) -> Result<Self> {
+        Self::build(config, |layout, cuda| {
+            let same = store.layout().num_layers() == layout.num_layers()
+                && (0..layout.num_layers() as u32).all(|l| {
+                    store.layout().experts_in_layer(l) == layout.experts_in_layer(l)
+                        && store
+                            .layout()
+                            .bytes(store.layout().id(l, 0).expect("l < layers"))
+                            == layout.bytes(layout.id(l, 0).expect("l < layers"))
+                });
+            if !same {
+                return Err(CoreError::Store {
+                    path: store.root().display().to_string(),
+                    reason: "holds experts of another shape than the model's".into(),
+                });
+            }
+            Ok(StoredExperts::new(store, host_slots, cuda)?.into())
+        })
+    }
+
+    fn build(
+        config: CacheConfig,
+        source: impl FnOnce(&ExpertLayout, Option<&Arc<Context>>) -> Result<ExpertSource>,
+    ) -> Result<Self> {
         let layout = ExpertLayout::new(&config.layers)?;
         if config.slot_bytes < layout.max_expert_bytes() {
             return Err(CoreError::InvalidConfig(format!(
@@ -95,7 +148,7 @@ impl ExpertCache {
             Device::Host => None,
             Device::Cuda { ordinal } => Some(Context::primary(ordinal)?),
         };
-        let host = HostTier::new(layout, context.as_ref())?;
+        let source = source(&layout, context.as_ref())?;
         let backend = match context {
             None => CopyBackend::Host,
             Some(ctx) => CopyBackend::Cuda(CudaCopies::new(ctx, config.n_slots)?),
@@ -104,19 +157,21 @@ impl ExpertCache {
             config.pool_address,
             config.slot_bytes,
             config.n_slots,
-            host.layout().num_experts(),
+            layout.num_experts(),
         )?;
-        let policy = policy_by_name(&config.policy, config.n_slots, host.layout().num_experts())?;
-        let core = CacheCore::new(host.layout().clone(), pool, policy);
-        let tracer = tracer_for(host.layout(), &config)?;
+        let policy = policy_by_name(&config.policy, config.n_slots, layout.num_experts())?;
+        let tracer = tracer_for(&layout, &config)?;
+        let core = CacheCore::new(layout, pool, policy);
         let shared = Arc::new(Shared {
             tracer,
             planner_depth: config.planner.prefetch_depth,
-            host,
+            source,
             state: Mutex::new(core),
             copied: Condvar::new(),
             queue: PrefetchQueue::new(),
             backend,
+            staging: Mutex::new(Staging::default()),
+            staged: Condvar::new(),
         });
         let workers = (0..config.copy_workers)
             .map(|i| spawn_worker(Arc::clone(&shared), i))
@@ -126,7 +181,7 @@ impl ExpertCache {
     }
 
     pub fn layout(&self) -> &ExpertLayout {
-        self.shared.host.layout()
+        self.shared.source.layout()
     }
 
     pub fn is_cuda(&self) -> bool {
@@ -134,7 +189,62 @@ impl ExpertCache {
     }
 
     pub fn host_is_pinned(&self) -> bool {
-        self.shared.host.is_pinned()
+        self.shared.source.is_pinned()
+    }
+
+    /// The store behind the host cache, when there is one.
+    pub fn store(&self) -> Option<&ExpertStore> {
+        match &self.shared.source {
+            ExpertSource::Stored(stored) => Some(stored.store()),
+            ExpertSource::Resident(_) => None,
+        }
+    }
+
+    /// Slots of the host cache (0 when every expert is in the host tier).
+    pub fn host_slots(&self) -> usize {
+        match &self.shared.source {
+            ExpertSource::Stored(stored) => stored.host_cache().len(),
+            ExpertSource::Resident(_) => 0,
+        }
+    }
+
+    /// The host cache's statistics, when a store backs the cache.
+    pub fn host_stats(&self) -> Option<HostCacheStats> {
+        match &self.shared.source {
+            ExpertSource::Stored(stored) => Some(stored.stats()),
+            ExpertSource::Resident(_) => None,
+        }
+    }
+
+    /// Reads `experts` (layer, expert) from the store into the host cache
+    /// on the copy workers, in the order given, and returns once all are
+    /// in (or the cache is full); the first read error, if any. Nothing to
+    /// do when every expert is in the host tier.
+    pub fn preload(&self, experts: &[(u32, u32)]) -> Result<()> {
+        let ids = experts
+            .iter()
+            .map(|&(layer, expert)| self.layout().id(layer, expert))
+            .collect::<Result<Vec<_>>>()?;
+        if matches!(self.shared.source, ExpertSource::Resident(_)) || ids.is_empty() {
+            return Ok(());
+        }
+        lock(&self.shared.staging).pending += ids.len();
+        for expert in ids {
+            self.shared.queue.push(CopyRequest {
+                expert,
+                slot: None,
+                urgency: Urgency::Stage,
+            });
+        }
+        let mut staging = lock(&self.shared.staging);
+        while staging.pending > 0 {
+            staging = self
+                .shared
+                .staged
+                .wait(staging)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        staging.failure.take().map_or(Ok(()), Err)
     }
 
     pub fn n_slots(&self) -> usize {
@@ -146,7 +256,12 @@ impl ExpertCache {
     /// reading those bytes.
     pub fn write_expert(&self, layer: u32, expert: u32, offset: usize, src: &[u8]) -> Result<()> {
         let id = self.layout().id(layer, expert)?;
-        self.shared.host.check_range(id, offset, src.len())?;
+        let ExpertSource::Resident(host) = &self.shared.source else {
+            return Err(CoreError::Protocol(
+                "this cache reads its experts from an expert store; they cannot be written".into(),
+            ));
+        };
+        host.check_range(id, offset, src.len())?;
         // Holding the lock keeps any fetch of this expert out until done.
         let state = self.shared.lock();
         if state.pool().lookup(id).is_some() {
@@ -158,11 +273,7 @@ impl ExpertCache {
         // worker reads this blob: it is in no slot, and the lock we hold
         // keeps it out of any.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                src.as_ptr(),
-                self.shared.host.expert_ptr(id).add(offset),
-                src.len(),
-            )
+            std::ptr::copy_nonoverlapping(src.as_ptr(), host.expert_ptr(id).add(offset), src.len())
         };
         Ok(())
     }
@@ -176,19 +287,31 @@ impl ExpertCache {
         dst: &mut [u8],
     ) -> Result<()> {
         let id = self.layout().id(layer, expert)?;
-        self.shared.host.check_range(id, offset, dst.len())?;
-        // Writers hold the lock; readers may share the bytes with copy workers.
-        let _state = self.shared.lock();
-        // SAFETY: the range is inside the blob, and nobody writes it while
-        // we hold the lock (writes happen only under it).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.shared.host.expert_ptr(id).add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        };
-        Ok(())
+        check_range(self.layout(), id, offset, dst.len())?;
+        match &self.shared.source {
+            ExpertSource::Resident(host) => {
+                // Writers hold the lock; readers may share the bytes with copy workers.
+                let _state = self.shared.lock();
+                // SAFETY: the range is inside the blob, and nobody writes it while
+                // we hold the lock (writes happen only under it).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        host.expert_ptr(id).add(offset),
+                        dst.as_mut_ptr(),
+                        dst.len(),
+                    )
+                };
+                Ok(())
+            }
+            ExpertSource::Stored(stored) => stored.with_expert(id, |src| {
+                // SAFETY: `src` starts the expert's loaded blob in a host slot
+                // pinned for this call; the range is inside the blob.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.add(offset), dst.as_mut_ptr(), dst.len())
+                };
+                Ok(())
+            }),
+        }
     }
 
     /// Pins a slot for each expert of `layer`, queueing on-demand copies for
@@ -335,6 +458,9 @@ impl ExpertCache {
 
     pub fn reset_stats(&self) {
         self.shared.lock().reset_stats();
+        if let ExpertSource::Stored(stored) = &self.shared.source {
+            stored.host_cache().reset_stats();
+        }
     }
 
     fn ids(&self, layer: u32, experts: &[u32]) -> Result<Vec<ExpertId>> {
@@ -363,26 +489,100 @@ impl Shared {
     /// One copy worker: take the most urgent request, copy, mark ready.
     fn serve(&self, copier: &WorkerCopier) {
         while let Some(request) = self.queue.pop() {
-            let Some(job) = self.lock().accept(request) else {
-                continue; // stale: the expert arrived meanwhile, or not worth a slot
-            };
-            let dst = self.lock().pool().address(job.slot);
-            // SAFETY: the host blob is `job.bytes` long and not written while
-            // its expert holds a slot; the slot is at least that long and only
-            // this worker writes it while it is in phase Copying.
-            let outcome = unsafe {
+            let job = self.lock().accept(request);
+            match job {
+                Some(job) => self.transfer(copier, &job),
+                // Stale (the expert arrived meanwhile) or not worth a device
+                // slot: with a store behind, a prefetch still brings the
+                // expert to the host cache.
+                None => self.stage(request),
+            }
+        }
+    }
+
+    /// Copies the job's expert into its slot (reading it from the store
+    /// first when the host cache lacks it) and publishes the outcome.
+    fn transfer(&self, copier: &WorkerCopier, job: &CopyJob) {
+        let dst = self.lock().pool().address(job.slot);
+        // SAFETY (both arms): the slot is at least `job.bytes` long and only
+        // this worker writes it while it is in phase Copying; the source
+        // holds `job.bytes` bytes of the expert that nobody writes meanwhile.
+        let outcome = match &self.source {
+            // The host tier's blob is not written while its expert holds a slot.
+            ExpertSource::Resident(host) => unsafe {
                 copier.copy(
                     &self.backend,
                     job.slot,
-                    self.host.expert_ptr(job.expert),
+                    host.expert_ptr(job.expert),
                     dst,
                     job.bytes,
                     job.wait_for_reader,
                 )
-            };
-            self.lock()
-                .finish_copy(&job, outcome.map_err(|e| e.to_string()));
-            self.copied.notify_all();
+            },
+            // The host slot stays pinned until the closure returns, and the
+            // closure returns only once the copy has completed.
+            ExpertSource::Stored(stored) => stored.with_expert(job.expert, |src| {
+                unsafe {
+                    copier.copy(
+                        &self.backend,
+                        job.slot,
+                        src,
+                        dst,
+                        job.bytes,
+                        job.wait_for_reader,
+                    )
+                }?;
+                copier.wait_done()
+            }),
+        };
+        self.lock()
+            .finish_copy(job, outcome.map_err(|e| e.to_string()));
+        self.copied.notify_all();
+    }
+
+    /// Brings a prefetched or preloaded expert into the host cache, unless
+    /// it is already on the device or no store is behind the cache.
+    fn stage(&self, request: CopyRequest) {
+        let ExpertSource::Stored(stored) = &self.source else {
+            return;
+        };
+        let preload = request.urgency == Urgency::Stage;
+        let on_device = self.lock().pool().lookup(request.expert).is_some();
+        if request.slot.is_some() || (on_device && !preload) {
+            return;
+        }
+        let outcome = stored.stage(request.expert);
+        if preload {
+            self.preloaded(outcome);
+        }
+    }
+
+    /// One stage request of a [`preload`](ExpertCache::preload) was served.
+    fn preloaded(&self, outcome: Result<()>) {
+        let mut staging = lock(&self.staging);
+        staging.pending -= 1;
+        if let Err(e) = outcome {
+            staging.failure.get_or_insert(e);
+        }
+        drop(staging);
+        self.staged.notify_all();
+    }
+}
+
+/// Checks that `offset..offset + len` lies inside expert `id`'s blob.
+fn check_range(layout: &ExpertLayout, id: ExpertId, offset: usize, len: usize) -> Result<()> {
+    let size = layout.bytes(id);
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        end => {
+            let (layer, expert) = layout.locate(id);
+            Err(CoreError::OutOfBounds {
+                layer,
+                expert,
+                offset,
+                end: end.unwrap_or(usize::MAX),
+                size,
+            })
         }
     }
 }
@@ -437,6 +637,10 @@ fn spawn_worker(shared: Arc<Shared>, index: usize) -> std::io::Result<JoinHandle
 /// waiters get an error instead of hanging.
 fn fail_all(shared: &Shared, reason: &str) {
     while let Some(request) = shared.queue.pop() {
+        if request.urgency == Urgency::Stage {
+            shared.preloaded(Err(CoreError::InvalidConfig(reason.to_string())));
+            continue;
+        }
         let mut state = shared.lock();
         if let Some(job) = state.accept(request) {
             state.finish_copy(&job, Err(reason.to_string()));

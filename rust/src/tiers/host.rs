@@ -12,12 +12,20 @@ use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
 
 /// Host memory that is either ordinary (page-aligned) or CUDA-pinned.
-enum HostMemory {
+pub(crate) enum HostMemory {
     Plain { ptr: *mut u8, layout: Layout },
     Pinned(PinnedHostBuffer),
 }
 
 impl HostMemory {
+    /// `bytes` of host memory, pinned in `cuda`'s context when given.
+    pub(crate) fn new(bytes: usize, cuda: Option<&Arc<Context>>) -> Result<Self> {
+        match cuda {
+            Some(ctx) => Ok(Self::Pinned(PinnedHostBuffer::new(ctx, bytes.max(1))?)),
+            None => Self::plain(bytes),
+        }
+    }
+
     fn plain(bytes: usize) -> Result<Self> {
         let layout = Layout::from_size_align(bytes.max(1), BLOB_ALIGN)
             .map_err(|e| CoreError::InvalidConfig(format!("host tier of {bytes} bytes: {e}")))?;
@@ -31,7 +39,7 @@ impl HostMemory {
         Ok(Self::Plain { ptr, layout })
     }
 
-    fn base(&self) -> *mut u8 {
+    pub(crate) fn base(&self) -> *mut u8 {
         match self {
             Self::Plain { ptr, .. } => *ptr,
             Self::Pinned(buffer) => buffer.as_mut_ptr(),
@@ -76,10 +84,7 @@ impl HostTier {
             offsets.push(total);
             total += align_up(layout.bytes(id));
         }
-        let memory = match cuda {
-            Some(ctx) => HostMemory::Pinned(PinnedHostBuffer::new(ctx, total.max(1))?),
-            None => HostMemory::plain(total)?,
-        };
+        let memory = HostMemory::new(total, cuda)?;
         Ok(Self {
             memory,
             offsets,
