@@ -23,6 +23,15 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-fraction", type=float, default=0.25, help="device budget as a share of expert bytes"
     )
     demo.add_argument("--seed", type=int, default=0)
+    convert = commands.add_parser(
+        "convert", help="write the expert store for a Hugging Face safetensors checkpoint"
+    )
+    convert.add_argument("checkpoint", help="checkpoint directory (config.json and safetensors shards)")
+    convert.add_argument("store", help="directory of the expert store to write")
+    convert.add_argument(
+        "--dtype", help="convert weights to this dtype (default: the config's), e.g. bfloat16"
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace a store already in that directory")
     return parser
 
 
@@ -33,6 +42,19 @@ def main(argv: list[str] | None = None) -> int:
             from moe_offload.demo import run
 
             return run(args.layers, args.experts, args.hidden, args.tokens, args.budget_fraction, args.seed)
+        if args.command == "convert":
+            from moe_offload.conversion import convert
+
+            print(
+                convert(
+                    args.checkpoint,
+                    args.store,
+                    dtype=args.dtype,
+                    overwrite=args.overwrite,
+                    show_progress=True,
+                )
+            )
+            return 0
     except MoeOffloadError as e:
         print(f"moe-offload: {e}", file=sys.stderr)
         return 2

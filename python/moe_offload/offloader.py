@@ -7,6 +7,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from moe_offload._core import (
     BudgetError,
     ExpertCache,
+    ExpertStore,
     MoeOffloadError,
     PatchStateError,
     UnsupportedModelError,
@@ -32,6 +34,16 @@ SLOT_ALIGN = 4096
 POLICIES = ("activation-aware", "lru", "lfu", "reference")
 
 
+@dataclass(frozen=True)
+class StoreBacking:
+    """Experts served from an expert store on disk through a host cache of
+    `host_slots` slots (`host_budget` bytes), instead of all in host memory."""
+
+    store: ExpertStore
+    host_slots: int
+    host_budget: int
+
+
 class Offloader:
     """A patched model's expert cache: statistics and the way back (`unpatch`)."""
 
@@ -45,6 +57,7 @@ class Offloader:
         policy: str,
         tracker: RequestTracker,
         eamc_path: Path | None,
+        backing: StoreBacking | None = None,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -55,6 +68,7 @@ class Offloader:
         self.policy = policy
         self.tracker = tracker
         self.eamc_path = eamc_path
+        self.backing = backing
         self._hooks: list[Any] = []
 
     @property
@@ -74,6 +88,11 @@ class Offloader:
         stats["slot_bytes"] = self.slot_bytes
         stats["moe_layers"] = len(self.blocks)
         stats["backend"] = self.cache.backend
+        host = self.cache.host_stats()
+        if host is not None and self.backing is not None:
+            stats.update(host)
+            stats["host_slots"] = self.backing.host_slots
+            stats["host_budget_bytes"] = self.backing.host_budget
         return stats
 
     def reset_stats(self) -> None:
@@ -156,6 +175,34 @@ def patch(
     Raises `BudgetError` when the budget cannot hold one token's top-k experts
     of one layer, `UnsupportedModelError` when the model has no MoE block moe-offload
     knows, `PatchStateError` when the model is already patched."""
+    return _patch(
+        model,
+        device,
+        device_budget,
+        policy=policy,
+        eamc_path=eamc_path,
+        eamc_capacity=eamc_capacity,
+        prefetch_depth=prefetch_depth,
+        copy_workers=copy_workers,
+        show_progress=show_progress,
+    )
+
+
+def _patch(
+    model: nn.Module,
+    device: str | torch.device | None,
+    device_budget: int | str | None,
+    *,
+    policy: str,
+    eamc_path: str | Path | None,
+    eamc_capacity: int,
+    prefetch_depth: int | None,
+    copy_workers: int,
+    show_progress: bool | None,
+    backing: StoreBacking | None = None,
+) -> Offloader:
+    """`patch`, with the experts either moved from the model into the host
+    tier or, given `backing`, read from an expert store."""
     if getattr(model, _ATTR, None) is not None:
         raise PatchStateError("this model is already patched; call moe_offload.unpatch(model) first")
     if policy not in POLICIES:
@@ -184,9 +231,12 @@ def patch(
         eamc_path=None if eamc_path is None else Path(eamc_path),
         eamc_capacity=eamc_capacity,
         prefetch_depth=prefetch_depth,
+        store=None if backing is None else backing.store,
+        host_slots=0 if backing is None else backing.host_slots,
     )
     tracker = RequestTracker(cache)
-    _fill_host_tier(cache, blocks, show_progress)
+    if backing is None:
+        _fill_host_tier(cache, blocks, show_progress)
     # Nothing in the model has changed so far; from here on, undo on failure.
     offloaded: list[ExpertBlock] = []
     try:
@@ -198,7 +248,15 @@ def patch(
         _restore(cache, offloaded, target)
         raise
     offloader = Offloader(
-        model, blocks, cache, pool, budget, policy, tracker, None if eamc_path is None else Path(eamc_path)
+        model,
+        blocks,
+        cache,
+        pool,
+        budget,
+        policy,
+        tracker,
+        None if eamc_path is None else Path(eamc_path),
+        backing,
     )
     offloader._hooks.append(model.register_forward_pre_hook(_request_hook(tracker), with_kwargs=True))
     if offloader.eamc_path is not None:

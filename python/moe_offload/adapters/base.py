@@ -69,6 +69,11 @@ class ExpertBlock(ABC):
         """Every parameter that moves to the host tier."""
 
     @abstractmethod
+    def parameter_name(self, spec: TensorSpec, expert: int) -> tuple[str, int | None]:
+        """The model parameter (full name) that holds `spec` of `expert`, and
+        the expert's index along its first dimension when experts are fused."""
+
+    @abstractmethod
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         """The expert's current tensors (before offloading), one per spec."""
 

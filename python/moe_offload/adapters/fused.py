@@ -67,6 +67,9 @@ class FusedExperts(ExpertBlock):
     def parameters(self) -> list[nn.Parameter]:
         return [self.module._parameters[n] for n in self.names]
 
+    def parameter_name(self, spec: TensorSpec, expert: int) -> tuple[str, int | None]:
+        return f"{self.name}.{spec.name}", expert
+
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         for spec in self.specs:
             yield spec, self.module._parameters[spec.name].data[expert]

@@ -51,6 +51,8 @@ class ExpertContainer(ExpertBlock):
     def __init__(self, name: str, module: nn.Module, top_k: int) -> None:
         self.experts = expert_modules(module)
         super().__init__(name, module, len(self.experts), top_k)
+        names = {id(child): child_name for child_name, child in module.named_children()}
+        self.child_names = [names[id(expert)] for expert in self.experts]
         params = list(self.experts[0].named_parameters())
         self.specs, self.expert_bytes = pack([(n, tuple(p.shape), p.dtype) for n, p in params])
         self._hooks: list[Any] = []
@@ -59,6 +61,9 @@ class ExpertContainer(ExpertBlock):
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for expert in self.experts for p in expert.parameters()]
+
+    def parameter_name(self, spec: TensorSpec, expert: int) -> tuple[str, int | None]:
+        return f"{self.name}.{self.child_names[expert]}.{spec.name}", None
 
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         params = dict(self.experts[expert].named_parameters())

@@ -224,16 +224,17 @@ impl HostCache {
         Some(slot)
     }
 
-    /// The load into a reserved slot is over; the loader still holds its pin.
+    /// The load into a reserved slot is over (`bytes` read in `seconds`);
+    /// the loader still holds its pin.
     pub fn finish_load(
         &self,
         slot: HostSlotId,
         outcome: std::result::Result<(), LoadFailure>,
+        bytes: u64,
         seconds: f64,
     ) {
         let mut s = self.lock();
         let now = s.tick();
-        let slot_bytes = self.slot_bytes as u64;
         let entry = &mut s.slots[slot as usize];
         debug_assert_eq!(entry.state, HostState::Loading);
         entry.last_used = now;
@@ -242,7 +243,7 @@ impl HostCache {
             Err(failure) => HostState::Failed(failure),
         };
         if entry.state == HostState::Ready {
-            s.stats.bytes_read += slot_bytes;
+            s.stats.bytes_read += bytes;
         }
         s.stats.read_seconds += seconds;
         drop(s);
@@ -327,7 +328,7 @@ mod tests {
     fn loaded(cache: &HostCache, id: ExpertId) -> HostSlotId {
         match cache.acquire(id).unwrap() {
             Acquired::Load(slot) => {
-                cache.finish_load(slot, Ok(()), 0.0);
+                cache.finish_load(slot, Ok(()), 0, 0.0);
                 slot
             }
             Acquired::Ready(slot) => slot,
@@ -345,7 +346,7 @@ mod tests {
         cache.release(a);
         // Expert 1 is now the least recently used.
         assert_eq!(cache.acquire(2).unwrap(), Acquired::Load(b));
-        cache.finish_load(b, Ok(()), 0.0);
+        cache.finish_load(b, Ok(()), 0, 0.0);
         cache.release(b);
         assert!(cache.contains(0) && cache.contains(2) && !cache.contains(1));
         let stats = cache.stats();
@@ -390,7 +391,7 @@ mod tests {
             path: "layer-000.bin".into(),
             reason: "checksum mismatch".into(),
         };
-        cache.finish_load(slot, Err(failure.clone()), 0.0);
+        cache.finish_load(slot, Err(failure.clone()), 0, 0.0);
         assert_eq!(waiter.join().unwrap(), Err(failure));
         cache.release(slot);
         assert!(!cache.contains(3));
@@ -415,7 +416,7 @@ mod tests {
                             Acquired::Load(slot) => {
                                 // SAFETY: the slot is reserved for us until finish_load.
                                 unsafe { cache.ptr(slot).cast::<u32>().write(id) };
-                                cache.finish_load(slot, Ok(()), 0.0);
+                                cache.finish_load(slot, Ok(()), 0, 0.0);
                                 slot
                             }
                             Acquired::Ready(slot) => slot,

@@ -128,8 +128,9 @@ impl StoredExperts {
                 reason: other.to_string(),
             }),
         };
+        let bytes = self.store.span(id) as u64;
         self.cache
-            .finish_load(slot, published, started.elapsed().as_secs_f64());
+            .finish_load(slot, published, bytes, started.elapsed().as_secs_f64());
         outcome
     }
 }
