@@ -51,6 +51,15 @@ def meta_placeholder(param: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
 
 
+def refill(param: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    """`param` holding `value` again: the same object when it had memory, a
+    new parameter when it never had any (a model built on the meta device)."""
+    if param.is_meta:
+        return nn.Parameter(value, requires_grad=param.requires_grad)
+    param.data = value
+    return param
+
+
 class ExpertBlock(ABC):
     """The routed experts of one MoE layer, as a module of the model holds them."""
 

@@ -20,7 +20,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moe_offload._core import UnsupportedModelError
-from moe_offload.adapters.base import ExpertBlock, TensorSpec, meta_placeholder, pack
+from moe_offload.adapters.base import ExpertBlock, TensorSpec, meta_placeholder, pack, refill
 
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
@@ -85,9 +85,7 @@ class FusedExperts(ExpertBlock):
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in self.names:
-            original = self._originals.pop(name)
-            original.data = tensors[name]
-            self.module._parameters[name] = original
+            self.module._parameters[name] = refill(self._originals.pop(name), tensors[name])
         del self.module._moe_offload
         self.module.config._experts_implementation = self._config_implementation
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from moe_offload.adapters.base import ExpertBlock, TensorSpec, meta_placeholder, pack
+from moe_offload.adapters.base import ExpertBlock, TensorSpec, meta_placeholder, pack, refill
 
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
@@ -86,9 +86,10 @@ class ExpertContainer(ExpertBlock):
         for hook in self._hooks:
             hook.remove()
         for index, (expert, originals) in enumerate(zip(self.experts, self._originals, strict=True)):
-            for name, param in originals.items():
-                param.data = tensors[name][index].clone()
-            _install(expert, originals)
+            restored = {
+                name: refill(param, tensors[name][index].clone()) for name, param in originals.items()
+            }
+            _install(expert, restored)
         self._hooks, self._originals, self._placeholders = [], [], []
 
 
