@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--io-workers", type=int, default=4)
+    parser.add_argument("--io-workers", type=int, default=8)
     parser.add_argument("--device-fraction", type=float, default=0.25, help="device budget / expert bytes")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,7 +53,7 @@ def from_pretrained(
     store_dir: str | Path | None = None,
     dtype: str | torch.dtype | None = None,
     policy: str = "activation-aware",
-    io_workers: int = 4,
+    io_workers: int = 8,
     eamc_path: str | Path | None = None,
     eamc_capacity: int = 1000,
     prefetch_depth: int | None = None,
@@ -101,8 +103,9 @@ def from_pretrained(
         store = _store_in_place(checkpoint, weights, blocks)
         tensors = _converted_non_experts(weights, expert_parameter_names(blocks))
         source_name = str(checkpoint.path)
-    _load_non_experts(model, tensors, target, blocks, source_name)
     host_slots, budget = _host_slots(host_budget, blocks)
+    # The expert blocks need only their shapes to be offloaded, so the
+    # experts can stream into the host cache while the other weights load.
     offloader = _patch(
         model,
         target,
@@ -115,8 +118,9 @@ def from_pretrained(
         show_progress=show_progress,
         backing=StoreBacking(store, host_slots, budget),
     )
-    if host_slots >= sum(b.num_experts for b in blocks):
-        _preload(offloader, blocks, show_progress)
+    preload = host_slots >= sum(b.num_experts for b in blocks)
+    with _preloading(offloader, blocks, show_progress, preload):
+        _load_non_experts(model, tensors, target, blocks, source_name)
     log.info(
         "moe-offload: %s from %s; host cache %d slots (%s), direct I/O: %s",
         offloader,
@@ -330,6 +334,32 @@ def _available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@contextmanager
+def _preloading(
+    offloader: Offloader, blocks: list[ExpertBlock], show_progress: bool | None, enabled: bool
+) -> Iterator[None]:
+    """Reads every expert into the host cache (on the copy workers, driven
+    from a thread of its own) while the block runs; raises what it raised."""
+    failure: list[BaseException] = []
+
+    def preload() -> None:
+        try:
+            _preload(offloader, blocks, show_progress)
+        except BaseException as e:  # re-raised in the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=preload, name="moe-offload-preload", daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        if enabled:
+            thread.join()
+    if failure:
+        raise failure[0]
 
 
 def _preload(offloader: Offloader, blocks: list[ExpertBlock], show_progress: bool | None) -> None:

@@ -46,13 +46,9 @@ impl HostMemory {
                 std::io::Error::last_os_error()
             )));
         }
-        // Huge pages make faulting gigabytes in cost far fewer faults; a
-        // kernel that declines the advice still gives ordinary pages. Pages
-        // are faulted in by their first write (a blob read or copied in),
-        // spread over the copy workers: populating the whole mapping up
-        // front measured slower.
-        // SAFETY: advice on a mapping we own changes no contents.
-        unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
+        // Pages are faulted in by their first write (a blob read or copied
+        // in), spread over the copy workers; populating the mapping up front,
+        // or advising huge pages, measured slower (benches/store.py).
         Ok(Self::Plain {
             ptr: ptr.cast(),
             len,
