@@ -387,3 +387,19 @@ def test_a_directory_that_is_neither_is_refused(tmp_path):
         moe_offload.from_pretrained(tmp_path, device="cpu")
     with pytest.raises(StoreError, match="does not exist"):
         moe_offload.from_pretrained(tmp_path / "nowhere", device="cpu")
+
+
+@pytest.mark.gpu
+def test_three_tiers_on_cuda_generate_what_the_plain_model_generates(mixtral):
+    model, checkpoint, store = mixtral
+    inputs = {k: v.to("cuda") for k, v in prompt("mixtral").items()}
+    model.to("cuda").set_experts_implementation("eager")
+    expected, expected_logits = generate(model, inputs)
+    experts = expert_bytes(model)
+    loaded, offloader = moe_offload.from_pretrained(
+        store, device="cuda", device_budget=experts // 4, host_budget=int(experts * 0.4)
+    )
+    tokens, logits = generate(loaded, inputs)
+    assert offloader.cache.host_pinned and offloader.stats()["backend"] == "cuda"
+    assert torch.equal(tokens, expected)
+    assert torch.equal(logits, expected_logits)
