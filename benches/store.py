@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--io-workers", type=int, default=8)
     parser.add_argument("--device-fraction", type=float, default=0.25, help="device budget / expert bytes")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the read and load steps")
+    parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -74,51 +77,51 @@ def run_all(args: argparse.Namespace) -> int:
         "page_cache": "dropped before every step" if can_drop_caches() else "NOT dropped (not root)",
     }
     report["conversion"] = prepare(args)
-    steps = [
-        "read-dd",
-        "read-dd-direct",
-        "read-store",
-        "read-store-reused",
-        "load-store",
-        "load-in-place",
-        "load-safetensors",
-        "load-transformers",
-        "decode-host",
-        "decode-three-tier",
-        "rss-baseline",
-        "rss-three-tier",
-    ]
-    results = {name: step(args, name) for name in steps}
-    report["read"] = {
-        "dd_gb_per_s": results["read-dd"]["gb_per_s"],
-        "dd_direct_gb_per_s": results["read-dd-direct"]["gb_per_s"],
-        "store_fresh_memory_gb_per_s": results["read-store"]["gb_per_s"],
-        "store_reused_slots_gb_per_s": results["read-store-reused"]["gb_per_s"],
-        "store_direct_io": results["read-store"]["direct_io"],
-        "store_fresh_vs_dd": results["read-store"]["gb_per_s"] / results["read-dd"]["gb_per_s"],
-        "store_fresh_vs_dd_direct": results["read-store"]["gb_per_s"] / results["read-dd-direct"]["gb_per_s"],
-        "store_reused_vs_dd_direct": results["read-store-reused"]["gb_per_s"]
-        / results["read-dd-direct"]["gb_per_s"],
-        "bytes": results["read-store"]["bytes"],
+    # Disk and CPU are shared and noisy: the read and load steps run in
+    # interleaved rounds and report medians, the decode steps alternate.
+    rounds = [{name: step(args, name) for name in READ_AND_LOAD} for _ in range(args.repeats)]
+    decodes = [{name: step(args, name) for name in DECODE} for _ in range(args.decode_repeats)]
+    once = {name: step(args, name) for name in ("rss-baseline", "rss-three-tier")}
+
+    def median(results: list[dict], name: str, key: str) -> float:
+        return statistics.median(r[name][key] for r in results)
+
+    def samples(results: list[dict], name: str, key: str) -> list[float]:
+        return [round(r[name][key], 3) for r in results]
+
+    read = {name: median(rounds, name, "gb_per_s") for name in READ_AND_LOAD if name.startswith("read-")}
+    report["read_gb_per_s"] = {
+        "median": read,
+        "samples": {name: samples(rounds, name, "gb_per_s") for name in read},
+        "store_direct_io": rounds[0]["read-store"]["direct_io"],
+        "bytes": rounds[0]["read-store"]["bytes"],
+        "store_fresh_memory / dd": read["read-store"] / read["read-dd"],
+        "store_fresh_memory / dd_direct": read["read-store"] / read["read-dd-direct"],
+        "store_reused_slots / dd": read["read-store-reused"] / read["read-dd"],
+        "store_reused_slots / dd_direct": read["read-store-reused"] / read["read-dd-direct"],
     }
-    load = {
-        k: results[k]["seconds"]
-        for k in ("load-store", "load-in-place", "load-safetensors", "load-transformers")
-    }
-    report["load_seconds"] = load
-    report["load_speedup"] = {
+    load = {name: median(rounds, name, "seconds") for name in READ_AND_LOAD if name.startswith("load-")}
+    touched = median(rounds, "load-safetensors", "touched_seconds")
+    report["load_seconds"] = {
+        "median": {**load, "load-safetensors + first access": touched},
+        "samples": {name: samples(rounds, name, "seconds") for name in load},
         "safetensors / store": load["load-safetensors"] / load["load-store"],
+        "safetensors + first access / store": touched / load["load-store"],
         "transformers / store": load["load-transformers"] / load["load-store"],
         "in place / store": load["load-in-place"] / load["load-store"],
     }
-    host, tiers = results["decode-host"], results["decode-three-tier"]
+    host = median(decodes, "decode-host", "tokens_per_s")
+    tiers = median(decodes, "decode-three-tier", "tokens_per_s")
+    in_place = median(decodes, "decode-three-tier-in-place", "tokens_per_s")
     report["decode"] = {
-        "host_only": host,
-        "three_tier": tiers,
-        "three_tier_vs_host_only": tiers["tokens_per_s"] / host["tokens_per_s"],
-        "same_tokens": host["tokens"] == tiers["tokens"],
+        "tokens_per_s": {"host_only": host, "three_tier": tiers, "three_tier_in_place": in_place},
+        "samples": {name: samples(decodes, name, "tokens_per_s") for name in DECODE},
+        "three_tier / host_only": tiers / host,
+        "three_tier_in_place / host_only": in_place / host,
+        "same_tokens": all(len({str(d[name]["tokens"]) for name in DECODE}) == 1 for d in decodes),
+        "last_run": {name: {k: v for k, v in decodes[-1][name].items() if k != "tokens"} for name in DECODE},
     }
-    base, rss = results["rss-baseline"], results["rss-three-tier"]
+    base, rss = once["rss-baseline"], once["rss-three-tier"]
     bound = rss["host_budget"] + rss["non_expert_bytes"] + rss["device_budget"]
     report["rss"] = {
         **rss,
@@ -132,6 +135,19 @@ def run_all(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return 0
+
+
+READ_AND_LOAD = (
+    "read-dd",
+    "read-dd-direct",
+    "read-store",
+    "read-store-reused",
+    "load-store",
+    "load-in-place",
+    "load-safetensors",
+    "load-transformers",
+)
+DECODE = ("decode-host", "decode-three-tier", "decode-three-tier-in-place")
 
 
 def step(args: argparse.Namespace, name: str) -> dict:
@@ -250,7 +266,18 @@ def load_safetensors(args: argparse.Namespace) -> dict:
     for shard in sorted(checkpoint.glob("*.safetensors")):
         tensors.update(load_file(shard))
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "bytes": sum(t.nbytes for t in tensors.values()), "peak_rss": peak_rss()}
+    # load_file maps the files: the bytes reach this process's memory on
+    # first access. One element per 4 KiB page brings them all in.
+    for tensor in tensors.values():
+        flat = tensor.reshape(-1)
+        flat[:: max(1, 4096 // tensor.element_size())].sum()
+    touched = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "touched_seconds": touched,
+        "bytes": sum(t.nbytes for t in tensors.values()),
+        "peak_rss": peak_rss(),
+    }
 
 
 def load_transformers(args: argparse.Namespace) -> dict:
@@ -295,14 +322,16 @@ def decode_host(args: argparse.Namespace) -> dict:
     return decode(model, offloader, args)
 
 
-def decode_three_tier(args: argparse.Namespace, host_fraction: float = 1 / 3) -> dict:
-    _, store = paths(args)
+def decode_three_tier(args: argparse.Namespace, in_place: bool = False) -> dict:
+    """host_budget = a third of the experts; disk = the store, or the
+    checkpoint read in place."""
+    checkpoint, store = paths(args)
     experts = expert_bytes_of_store(store)
     model, offloader = moe_offload.from_pretrained(
-        store,
+        checkpoint if in_place else store,
         device="cpu",
         device_budget=int(experts * args.device_fraction),
-        host_budget=int(experts * host_fraction),
+        host_budget=experts // 3,
         io_workers=args.io_workers,
     )
     return decode(model, offloader, args)
@@ -356,6 +385,7 @@ STEPS = {
     "load-transformers": load_transformers,
     "decode-host": decode_host,
     "decode-three-tier": decode_three_tier,
+    "decode-three-tier-in-place": lambda args: decode_three_tier(args, in_place=True),
     "rss-baseline": rss_baseline,
     "rss-three-tier": rss_three_tier,
 }
