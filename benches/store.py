@@ -82,6 +82,7 @@ def run_all(args: argparse.Namespace) -> int:
     rounds = [{name: step(args, name) for name in READ_AND_LOAD} for _ in range(args.repeats)]
     decodes = [{name: step(args, name) for name in DECODE} for _ in range(args.decode_repeats)]
     once = {name: step(args, name) for name in ("rss-baseline", "rss-three-tier")}
+    limited = [{name: step(args, name, MEMORY_LIMIT) for name in LIMITED} for _ in range(args.decode_repeats)]
 
     def median(results: list[dict], name: str, key: str) -> float:
         return statistics.median(r[name][key] for r in results)
@@ -121,6 +122,16 @@ def run_all(args: argparse.Namespace) -> int:
         "same_tokens": all(len({str(d[name]["tokens"]) for name in DECODE}) == 1 for d in decodes),
         "last_run": {name: {k: v for k, v in decodes[-1][name].items() if k != "tokens"} for name in DECODE},
     }
+    if all(limited):
+        store = median(limited, "decode-limited-store", "tokens_per_s")
+        in_place = median(limited, "decode-limited-in-place", "tokens_per_s")
+        report["decode_memory_limited"] = {
+            "memory_limit_bytes": MEMORY_LIMIT,
+            "tokens_per_s": {"store": store, "in_place": in_place},
+            "samples": {name: samples(limited, name, "tokens_per_s") for name in LIMITED},
+            "store / in_place": store / in_place,
+            "last_run": limited[-1],
+        }
     base, rss = once["rss-baseline"], once["rss-three-tier"]
     bound = rss["host_budget"] + rss["non_expert_bytes"] + rss["device_budget"]
     report["rss"] = {
@@ -150,15 +161,36 @@ READ_AND_LOAD = (
 DECODE = ("decode-host", "decode-three-tier", "decode-three-tier-in-place")
 
 
-def step(args: argparse.Namespace, name: str) -> dict:
+# Less memory than the model's experts, so the page cache cannot hold them.
+MEMORY_LIMIT = 2 << 30
+LIMITED = ("decode-limited-store", "decode-limited-in-place")
+CGROUP = Path("/sys/fs/cgroup/memory/moe-offload-bench")
+
+
+def step(args: argparse.Namespace, name: str, memory_limit: int | None = None) -> dict:
+    """Runs one step in a fresh process, optionally inside a memory cgroup
+    (which charges the page cache too); {} when no such cgroup can be made."""
     drop_caches()
     command = [sys.executable, __file__, "--step", name, *forwarded(args)]
+    if memory_limit is not None:
+        if not memory_cgroup(memory_limit):
+            return {}
+        command = ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh", *command]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"step {name} failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"{name}: {result}", file=sys.stderr)
     return result
+
+
+def memory_cgroup(limit: int) -> bool:
+    try:
+        CGROUP.mkdir(exist_ok=True)
+        (CGROUP / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        return True
+    except OSError:
+        return False
 
 
 def forwarded(args: argparse.Namespace) -> list[str]:
@@ -337,6 +369,23 @@ def decode_three_tier(args: argparse.Namespace, in_place: bool = False) -> dict:
     return decode(model, offloader, args)
 
 
+def decode_limited(args: argparse.Namespace, in_place: bool) -> dict:
+    """A model larger than the memory it may use (see MEMORY_LIMIT): host
+    cache a quarter of the experts, four device slots."""
+    checkpoint, store = paths(args)
+    experts = expert_bytes_of_store(store)
+    layers = json.loads((store / "moe-store.json").read_text())["layers"]
+    model, offloader = moe_offload.from_pretrained(
+        checkpoint if in_place else store,
+        device="cpu",
+        device_budget=4 * max(layer["stride"] for layer in layers),
+        host_budget=experts // 4,
+        io_workers=args.io_workers,
+    )
+    result = decode(model, offloader, args)
+    return {k: v for k, v in result.items() if k != "tokens"}
+
+
 def expert_bytes_of_store(store: Path) -> int:
     layers = json.loads((store / "moe-store.json").read_text())["layers"]
     return sum(len(layer["blobs"]) * layer["blob_bytes"] for layer in layers)
@@ -386,6 +435,8 @@ STEPS = {
     "decode-host": decode_host,
     "decode-three-tier": decode_three_tier,
     "decode-three-tier-in-place": lambda args: decode_three_tier(args, in_place=True),
+    "decode-limited-store": lambda args: decode_limited(args, in_place=False),
+    "decode-limited-in-place": lambda args: decode_limited(args, in_place=True),
     "rss-baseline": rss_baseline,
     "rss-three-tier": rss_three_tier,
 }
