@@ -489,13 +489,16 @@ impl Shared {
     /// One copy worker: take the most urgent request, copy, mark ready.
     fn serve(&self, copier: &WorkerCopier) {
         while let Some(request) = self.queue.pop() {
+            if request.urgency == Urgency::Stage {
+                self.preload_one(request.expert);
+                continue;
+            }
+            // None: stale (the expert arrived meanwhile) or not worth a slot.
+            // Such a prefetch is not read into the host cache either: doing
+            // so cost more disk reads than it saved (benches/store.py).
             let job = self.lock().accept(request);
-            match job {
-                Some(job) => self.transfer(copier, &job),
-                // Stale (the expert arrived meanwhile) or not worth a device
-                // slot: with a store behind, a prefetch still brings the
-                // expert to the host cache.
-                None => self.stage(request),
+            if let Some(job) = job {
+                self.transfer(copier, &job);
             }
         }
     }
@@ -540,21 +543,14 @@ impl Shared {
         self.copied.notify_all();
     }
 
-    /// Brings a prefetched or preloaded expert into the host cache, unless
-    /// it is already on the device or no store is behind the cache.
-    fn stage(&self, request: CopyRequest) {
-        let ExpertSource::Stored(stored) = &self.source else {
-            return;
+    /// Reads one expert of a [`preload`](ExpertCache::preload) into the
+    /// host cache.
+    fn preload_one(&self, expert: ExpertId) {
+        let outcome = match &self.source {
+            ExpertSource::Stored(stored) => stored.stage(expert),
+            ExpertSource::Resident(_) => Ok(()),
         };
-        let preload = request.urgency == Urgency::Stage;
-        let on_device = self.lock().pool().lookup(request.expert).is_some();
-        if request.slot.is_some() || (on_device && !preload) {
-            return;
-        }
-        let outcome = stored.stage(request.expert);
-        if preload {
-            self.preloaded(outcome);
-        }
+        self.preloaded(outcome);
     }
 
     /// One stage request of a [`preload`](ExpertCache::preload) was served.

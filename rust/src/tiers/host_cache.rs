@@ -69,8 +69,7 @@ pub struct HostCacheStats {
     pub hits: u64,
     /// Experts that had to be read from the store.
     pub misses: u64,
-    /// Experts loaded ahead of need (prefetch that found no device slot,
-    /// or preloading).
+    /// Experts loaded ahead of need (preloading).
     pub staged: u64,
     pub evictions: u64,
     pub bytes_read: u64,
