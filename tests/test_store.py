@@ -187,21 +187,31 @@ def mixtral(tmp_path):
 def test_a_corrupt_blob_is_named_at_its_first_read_and_the_store_is_left_alone(mixtral):
     model, _, store = mixtral
     layer_file = store / "layer-000.bin"
-    data = bytearray(layer_file.read_bytes())
     stride = json.loads((store / "moe-store.json").read_text())["layers"][0]["stride"]
-    for expert in range(8):  # every expert of the first MoE layer: the first read fails
-        data[4096 + expert * stride + 100] ^= 0x01
-    layer_file.write_bytes(bytes(data))
-    before = digest(store)
     experts = expert_bytes(model)
+
+    def flip(expert: int) -> None:
+        data = bytearray(layer_file.read_bytes())
+        data[4096 + expert * stride + 100] ^= 0x01
+        layer_file.write_bytes(bytes(data))
+
+    flip(3)  # one byte of one expert
+    before = digest(store)
+    # Reading every expert up front finds it before generation starts.
+    with pytest.raises(
+        StoreError, match=r"layer-000\.bin.*checksum mismatch in expert 3 of MoE layer 0.*convert"
+    ):
+        moe_offload.from_pretrained(store, device="cpu", host_budget=4 * experts)
+    assert digest(store) == before, "reading never writes"
+    # Read lazily, the first expert read fails generation, naming file and expert.
+    for expert in (0, 1, 2, 4, 5, 6, 7):
+        flip(expert)
+    before = digest(store)
     loaded, _ = moe_offload.from_pretrained(store, device="cpu", host_budget=experts // 2)
     with pytest.raises(
         MoeOffloadError, match=r"layer-000\.bin.*checksum mismatch in expert \d of MoE layer 0"
     ):
         generate(loaded, prompt("mixtral"))
-    # Reading everything up front finds it before generation starts.
-    with pytest.raises(StoreError, match=r"layer-000\.bin.*checksum mismatch.*moe-offload convert"):
-        moe_offload.from_pretrained(store, device="cpu", host_budget=4 * experts)
     assert digest(store) == before, "reading never writes"
 
 
@@ -380,6 +390,24 @@ def test_a_full_disk_is_a_clear_error_and_the_partial_output_is_removed(mixtral,
         assert list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_the_convert_command_reports_errors_by_name(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_offload.cli",
+            "convert",
+            str(tmp_path / "nowhere"),
+            str(tmp_path / "store"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and not (tmp_path / "store").exists()
 
 
 def test_a_directory_that_is_neither_is_refused(tmp_path):

@@ -507,11 +507,11 @@ impl Shared {
     /// first when the host cache lacks it) and publishes the outcome.
     fn transfer(&self, copier: &WorkerCopier, job: &CopyJob) {
         let dst = self.lock().pool().address(job.slot);
-        // SAFETY (both arms): the slot is at least `job.bytes` long and only
-        // this worker writes it while it is in phase Copying; the source
-        // holds `job.bytes` bytes of the expert that nobody writes meanwhile.
         let outcome = match &self.source {
-            // The host tier's blob is not written while its expert holds a slot.
+            // SAFETY: the slot is at least `job.bytes` long and only this
+            // worker writes it while it is in phase Copying; the host tier's
+            // blob holds `job.bytes` bytes and is not written while its
+            // expert holds a slot.
             ExpertSource::Resident(host) => unsafe {
                 copier.copy(
                     &self.backend,
@@ -522,9 +522,11 @@ impl Shared {
                     job.wait_for_reader,
                 )
             },
-            // The host slot stays pinned until the closure returns, and the
-            // closure returns only once the copy has completed.
             ExpertSource::Stored(stored) => stored.with_expert(job.expert, |src| {
+                // SAFETY: as above for the slot; `src` starts the expert's
+                // loaded blob (at least `job.bytes` long) in a host slot that
+                // stays pinned, so unwritten, until this closure returns,
+                // and it returns only once the copy has completed.
                 unsafe {
                     copier.copy(
                         &self.backend,
