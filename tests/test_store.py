@@ -392,6 +392,14 @@ def test_a_full_disk_is_a_clear_error_and_the_partial_output_is_removed(mixtral,
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_refused_before_converting(mixtral, tmp_path):
+    _, checkpoint, _ = mixtral
+    with pytest.raises(MoeOffloadError, match="no CUDA device"):
+        moe_offload.from_pretrained(checkpoint, device="cuda", store_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
 def test_the_convert_command_reports_errors_by_name(tmp_path):
     result = subprocess.run(
         [

@@ -79,6 +79,7 @@ def from_pretrained(
     `host_budget` cannot hold one token's experts of one MoE layer."""
     if policy not in POLICIES:
         raise MoeOffloadError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    target = _target_device(device)
     path = Path(path)
     checkpoint, store = _locate(path, store_dir, dtype, show_progress)
     config = AutoConfig.from_pretrained(store.path if store is not None else path)
@@ -92,7 +93,6 @@ def from_pretrained(
         dtype = stored
     model = build_skeleton(config, resolve_dtype(dtype, config))
     blocks = expert_blocks(model)
-    target = _target_device(device)
     if store is not None:
         _check_index(store, blocks)
         source_name = str(Path(store.path) / NON_EXPERTS)
