@@ -25,6 +25,15 @@ def _parser() -> argparse.ArgumentParser:
         "--budget-fraction", type=float, default=0.25, help="device budget as a share of expert bytes"
     )
     demo.add_argument("--seed", type=int, default=0)
+    convert = commands.add_parser(
+        "convert", help="write the expert store for a Hugging Face safetensors checkpoint"
+    )
+    convert.add_argument("checkpoint", help="checkpoint directory (config.json and safetensors shards)")
+    convert.add_argument("store", help="directory of the expert store to write")
+    convert.add_argument(
+        "--dtype", help="convert weights to this dtype (default: the config's), e.g. bfloat16"
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace a store already in that directory")
     _replay_parser(commands)
     _bench_parser(commands)
     return parser
@@ -91,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
             from moe_offload.demo import run
 
             return run(args.layers, args.experts, args.hidden, args.tokens, args.budget_fraction, args.seed)
+        if args.command == "convert":
+            from moe_offload.conversion import convert
+
+            print(
+                convert(
+                    args.checkpoint,
+                    args.store,
+                    dtype=args.dtype,
+                    overwrite=args.overwrite,
+                    show_progress=True,
+                )
+            )
+            return 0
         if args.command == "replay":
             return _replay(args)
         if args.command == "bench":

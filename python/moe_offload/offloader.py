@@ -7,6 +7,7 @@ import logging
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from moe_offload._core import (
     BudgetError,
     ExpertCache,
+    ExpertStore,
     MoeOffloadError,
     PatchStateError,
     UnsupportedModelError,
@@ -32,6 +34,16 @@ SLOT_ALIGN = 4096
 POLICIES = ("activation-aware", "lru", "lfu", "reference")
 
 
+@dataclass(frozen=True)
+class StoreBacking:
+    """Experts served from an expert store on disk through a host cache of
+    `host_slots` slots (`host_budget` bytes), instead of all in host memory."""
+
+    store: ExpertStore
+    host_slots: int
+    host_budget: int
+
+
 class Offloader:
     """A patched model's expert cache: statistics and the way back (`unpatch`)."""
 
@@ -45,6 +57,7 @@ class Offloader:
         policy: str,
         tracker: RequestTracker,
         eamc_path: Path | None,
+        backing: StoreBacking | None = None,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -55,6 +68,7 @@ class Offloader:
         self.policy = policy
         self.tracker = tracker
         self.eamc_path = eamc_path
+        self.backing = backing
         self._hooks: list[Any] = []
 
     @property
@@ -74,6 +88,11 @@ class Offloader:
         stats["slot_bytes"] = self.slot_bytes
         stats["moe_layers"] = len(self.blocks)
         stats["backend"] = self.cache.backend
+        host = self.cache.host_stats()
+        if host is not None and self.backing is not None:
+            stats.update(host)
+            stats["host_slots"] = self.backing.host_slots
+            stats["host_budget_bytes"] = self.backing.host_budget
         return stats
 
     def reset_stats(self) -> None:
@@ -156,6 +175,34 @@ def patch(
     Raises `BudgetError` when the budget cannot hold one token's top-k experts
     of one layer, `UnsupportedModelError` when the model has no MoE block moe-offload
     knows, `PatchStateError` when the model is already patched."""
+    return _patch(
+        model,
+        device,
+        device_budget,
+        policy=policy,
+        eamc_path=eamc_path,
+        eamc_capacity=eamc_capacity,
+        prefetch_depth=prefetch_depth,
+        copy_workers=copy_workers,
+        show_progress=show_progress,
+    )
+
+
+def _patch(
+    model: nn.Module,
+    device: str | torch.device | None,
+    device_budget: int | str | None,
+    *,
+    policy: str,
+    eamc_path: str | Path | None,
+    eamc_capacity: int,
+    prefetch_depth: int | None,
+    copy_workers: int,
+    show_progress: bool | None,
+    backing: StoreBacking | None = None,
+) -> Offloader:
+    """`patch`, with the experts either moved from the model into the host
+    tier or, given `backing`, read from an expert store."""
     if getattr(model, _ATTR, None) is not None:
         raise PatchStateError("this model is already patched; call moe_offload.unpatch(model) first")
     if policy not in POLICIES:
@@ -184,28 +231,42 @@ def patch(
         eamc_path=None if eamc_path is None else Path(eamc_path),
         eamc_capacity=eamc_capacity,
         prefetch_depth=prefetch_depth,
+        store=None if backing is None else backing.store,
+        host_slots=0 if backing is None else backing.host_slots,
     )
     tracker = RequestTracker(cache)
-    # Block by block, the experts go into the host tier and the model's own
-    # copies are freed, so memory holds each expert once (plus one block).
-    # From the first block on, a failure undoes what was done.
+    # Block by block, the experts go into the host tier (unless an expert
+    # store holds them) and the model's own copies are freed, so memory holds
+    # each expert once (plus one block). From the first block on, a failure
+    # undoes what was done.
     offloaded: list[ExpertBlock] = []
-    total = sum(b.num_experts * b.expert_bytes for b in blocks)
+    total = 0 if backing is not None else sum(b.num_experts * b.expert_bytes for b in blocks)
     try:
         with progress(total, "moving experts to the host tier", show_progress) as bar:
             for layer, block in enumerate(blocks):
-                _fill_host_tier(cache, layer, block)
+                if backing is None:
+                    _fill_host_tier(cache, layer, block)
                 block.offload(LayerRuntime(cache, layer, pool, block.specs, tracker))
                 offloaded.append(block)
-                bar.update(block.num_experts * block.expert_bytes)
+                bar.update(block.num_experts * block.expert_bytes if backing is None else 0)
         _move_non_experts(model, target)
         if n_slots == sum(b.num_experts for b in blocks):
             _load_every_expert(cache, blocks)
     except BaseException:
-        _restore(cache, offloaded, target)
+        # A model read from a store had no expert data before: give it none
+        # back rather than read a possibly damaged store.
+        _restore(cache, offloaded, target, with_values=backing is None)
         raise
     offloader = Offloader(
-        model, blocks, cache, pool, budget, policy, tracker, None if eamc_path is None else Path(eamc_path)
+        model,
+        blocks,
+        cache,
+        pool,
+        budget,
+        policy,
+        tracker,
+        None if eamc_path is None else Path(eamc_path),
+        backing,
     )
     offloader._hooks.append(_watch_requests(model, tracker))
     if offloader.eamc_path is not None:
@@ -361,13 +422,21 @@ def _move_non_experts(model: nn.Module, device: torch.device) -> None:
                     module._buffers[name] = buffer.to(device)
 
 
-def _restore(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
+def _restore(
+    cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device, with_values: bool = True
+) -> None:
+    """Ordinary expert parameters again, holding the cache's values (or, with
+    `with_values` false, none: meta tensors, as a model built without weights)."""
     # Last offloaded first: blocks may share state (one config for every
     # layer), and undoing in reverse leaves what was there before the first.
     for layer, block in reversed(list(enumerate(blocks))):
         tensors: dict[str, torch.Tensor] = {}
         for spec in block.specs:
-            stacked = torch.empty((block.num_experts, *spec.shape), dtype=spec.dtype)
+            shape = (block.num_experts, *spec.shape)
+            if not with_values:
+                tensors[spec.name] = torch.empty(shape, dtype=spec.dtype, device="meta")
+                continue
+            stacked = torch.empty(shape, dtype=spec.dtype)
             for expert in range(block.num_experts):
                 cache.read_expert(layer, expert, spec.offset, stacked[expert].data_ptr(), spec.nbytes)
             tensors[spec.name] = stacked.to(device)

@@ -79,11 +79,12 @@ impl WorkerCopier {
         }
     }
 
-    /// Copies `bytes` from `src` into slot `slot` at `dst`. Returns how
-    /// long the copy took when that is known exactly: always for memcpy; for
-    /// CUDA when the worker may wait for the copy to land (`may_wait`: no
-    /// other request is queued, so waiting delays nothing) and nothing else
-    /// ran on its stream meanwhile.
+    /// Copies `bytes` from `src` into slot `slot` at `dst`; with
+    /// `until_landed`, returns only once the copy has completed (a worker
+    /// waits when its source is about to be reused, or when nothing else
+    /// is queued, so waiting delays nothing). Returns how long the copy
+    /// took when that is known exactly: always for memcpy; for CUDA when
+    /// the worker waited and nothing else ran on its stream meanwhile.
     ///
     /// # Safety
     /// `src` must be valid for `bytes` reads and `dst` for `bytes` writes
@@ -99,7 +100,7 @@ impl WorkerCopier {
         dst: u64,
         bytes: usize,
         wait_for_reader: bool,
-        may_wait: bool,
+        until_landed: bool,
     ) -> Result<Option<Duration>> {
         let started = Instant::now();
         match (self, backend) {
@@ -122,7 +123,7 @@ impl WorkerCopier {
                 unsafe { copy_host_to_device_async(dst, src, bytes, stream.raw())? };
                 let ready = &cuda.ready[slot as usize];
                 ready.record(stream.raw())?;
-                if !may_wait {
+                if !until_landed {
                     return Ok(None);
                 }
                 ready.synchronize()?;

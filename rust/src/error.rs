@@ -36,13 +36,19 @@ pub enum CoreError {
     /// A constructor argument that cannot describe a cache.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
-    /// A copy into a slot failed; the expert cannot be used.
+    /// A copy into a slot failed; the expert cannot be used. `from_store`:
+    /// reading the expert store failed (reported as a store error).
     #[error("copy of expert {expert} of layer {layer} failed: {reason}")]
     CopyFailed {
         layer: u32,
         expert: u32,
         reason: String,
+        from_store: bool,
     },
+    /// An expert store that cannot be read, written or trusted; `path` is
+    /// the file or directory at fault.
+    #[error("{path}: {reason}")]
+    Store { path: String, reason: String },
     /// An EAMC file that cannot be used.
     #[error("EAMC file {path}: {reason}")]
     EamcFile { path: String, reason: String },

@@ -19,6 +19,9 @@ pub enum Urgency {
     OnDemand,
     /// Predicted to be needed; higher scores are copied first.
     Prefetch(f32),
+    /// Read from the expert store into the host cache only (preloading),
+    /// after everything else; replanning leaves these alone.
+    Stage,
 }
 
 /// Copy `expert`'s blob from the host tier into a slot: the one reserved at
@@ -41,6 +44,7 @@ impl Entry {
         match self.request.urgency {
             Urgency::OnDemand => (true, f32::INFINITY),
             Urgency::Prefetch(score) => (false, score),
+            Urgency::Stage => (false, f32::NEG_INFINITY),
         }
     }
 }
@@ -272,13 +276,18 @@ mod tests {
     #[test]
     fn on_demand_first_then_priority_then_fifo() {
         let queue = PrefetchQueue::new();
+        queue.push(CopyRequest {
+            expert: 7,
+            slot: None,
+            urgency: Urgency::Stage,
+        });
         queue.push(prefetch(1, 0.5));
         queue.push(prefetch(2, 0.9));
         queue.push(on_demand(3));
         queue.push(prefetch(4, 0.5));
         queue.push(on_demand(5));
         queue.push(prefetch(6, 0.1));
-        assert_eq!(drain(&queue), vec![3, 5, 2, 1, 4, 6]);
+        assert_eq!(drain(&queue), vec![3, 5, 2, 1, 4, 6, 7]);
     }
 
     #[test]

@@ -54,10 +54,21 @@ def meta_placeholder(param: nn.Parameter) -> nn.Parameter:
 def free_storage(param: nn.Parameter) -> None:
     """Releases the memory behind an offloaded parameter (kept as an object,
     without data, for `unpatch` to refill): the host tier now holds its values."""
+    if param.is_meta:
+        return
     try:
         param.untyped_storage().resize_(0)
     except RuntimeError:
         pass  # storage that cannot shrink (e.g. memory-mapped) is left to its owner
+
+
+def refill(param: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    """`param` holding `value` again: the same object when it had memory, a
+    new parameter when it never had any (a model built on the meta device)."""
+    if param.is_meta:
+        return nn.Parameter(value, requires_grad=param.requires_grad)
+    param.data = value
+    return param
 
 
 class ExpertBlock(ABC):
@@ -76,6 +87,11 @@ class ExpertBlock(ABC):
     @abstractmethod
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter that moves to the host tier."""
+
+    @abstractmethod
+    def parameter_name(self, spec: TensorSpec, expert: int) -> tuple[str, int | None]:
+        """The model parameter (full name) that holds `spec` of `expert`, and
+        the expert's index along its first dimension when experts are fused."""
 
     @abstractmethod
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:

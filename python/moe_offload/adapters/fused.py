@@ -20,7 +20,14 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from moe_offload._core import UnsupportedModelError
-from moe_offload.adapters.base import ExpertBlock, TensorSpec, free_storage, meta_placeholder, pack
+from moe_offload.adapters.base import (
+    ExpertBlock,
+    TensorSpec,
+    free_storage,
+    meta_placeholder,
+    pack,
+    refill,
+)
 
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
@@ -67,6 +74,9 @@ class FusedExperts(ExpertBlock):
     def parameters(self) -> list[nn.Parameter]:
         return [self.module._parameters[n] for n in self.names]
 
+    def parameter_name(self, spec: TensorSpec, expert: int) -> tuple[str, int | None]:
+        return f"{self.name}.{spec.name}", expert
+
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         for spec in self.specs:
             yield spec, self.module._parameters[spec.name].data[expert]
@@ -83,9 +93,7 @@ class FusedExperts(ExpertBlock):
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in self.names:
-            original = self._originals.pop(name)
-            original.data = tensors[name]
-            self.module._parameters[name] = original
+            self.module._parameters[name] = refill(self._originals.pop(name), tensors[name])
         del self.module._moe_offload
         self.module.config._experts_implementation = self._config_implementation
 

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from moe_offload.adapters.base import ExpertBlock, TensorSpec, free_storage, meta_placeholder, pack
+from moe_offload.adapters.base import (
+    ExpertBlock,
+    TensorSpec,
+    free_storage,
+    meta_placeholder,
+    pack,
+    refill,
+)
 
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
@@ -51,6 +58,8 @@ class ExpertContainer(ExpertBlock):
     def __init__(self, name: str, module: nn.Module, top_k: int) -> None:
         self.experts = expert_modules(module)
         super().__init__(name, module, len(self.experts), top_k)
+        names = {id(child): child_name for child_name, child in module.named_children()}
+        self.child_names = [names[id(expert)] for expert in self.experts]
         params = list(self.experts[0].named_parameters())
         self.specs, self.expert_bytes = pack([(n, tuple(p.shape), p.dtype) for n, p in params])
         self._hooks: list[Any] = []
@@ -59,6 +68,9 @@ class ExpertContainer(ExpertBlock):
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for expert in self.experts for p in expert.parameters()]
+
+    def parameter_name(self, spec: TensorSpec, expert: int) -> tuple[str, int | None]:
+        return f"{self.name}.{self.child_names[expert]}.{spec.name}", None
 
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         params = dict(self.experts[expert].named_parameters())
@@ -83,9 +95,10 @@ class ExpertContainer(ExpertBlock):
         for hook in self._hooks:
             hook.remove()
         for index, (expert, originals) in enumerate(zip(self.experts, self._originals, strict=True)):
-            for name, param in originals.items():
-                param.data = tensors[name][index].clone()
-            _install(expert, originals)
+            restored = {
+                name: refill(param, tensors[name][index].clone()) for name, param in originals.items()
+            }
+            _install(expert, restored)
         self._hooks, self._originals, self._placeholders = [], [], []
 
 

@@ -9,7 +9,7 @@ use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
 use crate::stats::Stats;
-use crate::tiers::device::{Phase, SlotId, SlotPool};
+use crate::tiers::device::{CopyFailure, Phase, SlotId, SlotPool};
 
 /// A copy a worker must perform now.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,7 +79,13 @@ impl CacheCore {
             .iter()
             .filter(|&&id| self.pool.lookup(id).is_none())
             .count();
-        let available = self.pool.available();
+        // A hit on an idle slot pins it, so that slot cannot take a miss.
+        let reused = ids
+            .iter()
+            .filter_map(|&id| self.pool.lookup(id))
+            .filter(|&slot| self.pool.pins(slot) == 0 && self.pool.phase(slot) == &Phase::Ready)
+            .count();
+        let available = self.pool.available() - reused;
         if missing > available {
             return Err(CoreError::BudgetTooSmall {
                 needed: missing,
@@ -180,7 +186,7 @@ impl CacheCore {
         let slot = match (request.slot, request.urgency) {
             (Some(slot), _) => slot,
             (None, Urgency::Prefetch(_)) => self.admit_prefetch(request.expert)?,
-            (None, Urgency::OnDemand) => return None,
+            (None, Urgency::OnDemand | Urgency::Stage) => return None,
         };
         self.pool.start_copy(slot, request.expert).ok()?;
         Some(CopyJob {
@@ -210,7 +216,7 @@ impl CacheCore {
     }
 
     /// The copy of `job` completed (`Ok`) or failed.
-    pub fn finish_copy(&mut self, job: &CopyJob, outcome: std::result::Result<(), String>) {
+    pub fn finish_copy(&mut self, job: &CopyJob, outcome: std::result::Result<(), CopyFailure>) {
         if outcome.is_ok() {
             self.stats.copies += 1;
             self.stats.bytes_to_device += job.bytes as u64;
@@ -310,6 +316,23 @@ mod tests {
             "expert 1 is worth more than the prefetch"
         );
         assert_eq!(core.stats().prefetch_copies, 0);
+    }
+
+    #[test]
+    fn a_hit_does_not_count_its_own_slot_as_free_for_a_miss() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(Lru::new(2)));
+        core.fetch(&queue, &[0]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(0, false).unwrap();
+        core.fetch(&queue, &[1]).unwrap(); // stays pinned
+        complete_all(&mut core, &queue);
+        assert!(matches!(
+            core.fetch(&queue, &[0, 2]),
+            Err(CoreError::BudgetTooSmall { .. })
+        ));
+        core.release(1, false).unwrap();
+        assert_eq!(core.fetch(&queue, &[0, 2]).unwrap().len(), 2);
     }
 
     #[test]

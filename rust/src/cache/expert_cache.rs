@@ -8,6 +8,10 @@
 //!    `stream` (host: the copy is done; CUDA: `stream` waits on its event).
 //! 3. `release(layer, experts, stream)` unpins; on CUDA the slot is not
 //!    overwritten before `stream` has passed this point.
+//!
+//! Behind the slots sits either the host tier holding every expert
+//! ([`ExpertCache::new`]) or the expert store on disk read into a bounded
+//! host cache ([`ExpertCache::with_store`]); the protocol is the same.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -16,16 +20,19 @@ use std::time::Instant;
 
 use moe_offload_cuda::Context;
 
-use super::core::CacheCore;
+use super::core::{CacheCore, CopyJob};
 use super::policy_by_name;
 use crate::copy::{CopyBackend, CudaCopies, WorkerCopier};
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::planner::{Planner, PlannerConfig};
-use crate::queue::PrefetchQueue;
+use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
 use crate::stats::Stats;
-use crate::tiers::device::{Phase, SlotPool};
+use crate::tiers::device::{CopyFailure, Phase, SlotPool};
 use crate::tiers::host::HostTier;
+use crate::tiers::host_cache::HostCacheStats;
+use crate::tiers::source::{ExpertSource, StoredExperts};
+use crate::tiers::store::ExpertStore;
 use crate::timing::TimingEstimate;
 use crate::trace::live::LiveTracer;
 use crate::trace::planning::{ApplyPlan, PlanningThread};
@@ -61,13 +68,23 @@ pub struct CacheConfig {
 }
 
 struct Shared {
-    host: HostTier,
+    source: ExpertSource,
     state: Mutex<CacheCore>,
     copied: Condvar,
     queue: PrefetchQueue,
     backend: CopyBackend,
     /// Measured copy and layer times, for the planner's cost model.
     timing: Mutex<TimingEstimate>,
+    /// Preloads in progress (see [`ExpertCache::preload`]).
+    staging: Mutex<Staging>,
+    staged: Condvar,
+}
+
+/// Stage requests not yet served, and the first failure among them.
+#[derive(Default)]
+struct Staging {
+    pending: usize,
+    failure: Option<CoreError>,
 }
 
 /// The device expert cache, its copy workers and its planner thread.
@@ -80,7 +97,43 @@ pub struct ExpertCache {
 }
 
 impl ExpertCache {
+    /// A cache whose host tier holds every expert (filled by `write_expert`).
     pub fn new(config: CacheConfig) -> Result<Self> {
+        Self::build(config, |layout, cuda| {
+            Ok(ExpertSource::Resident(HostTier::new(layout.clone(), cuda)?))
+        })
+    }
+
+    /// A cache reading experts from `store` into a host cache of
+    /// `host_slots` slots; the store's layout must be `config.layers`.
+    pub fn with_store(
+        config: CacheConfig,
+        store: Arc<ExpertStore>,
+        host_slots: usize,
+    ) -> Result<Self> {
+        Self::build(config, |layout, cuda| {
+            let same = store.layout().num_layers() == layout.num_layers()
+                && (0..layout.num_layers() as u32).all(|l| {
+                    store.layout().experts_in_layer(l) == layout.experts_in_layer(l)
+                        && store
+                            .layout()
+                            .bytes(store.layout().id(l, 0).expect("l < layers"))
+                            == layout.bytes(layout.id(l, 0).expect("l < layers"))
+                });
+            if !same {
+                return Err(CoreError::Store {
+                    path: store.root().display().to_string(),
+                    reason: "holds experts of another shape than the model's".into(),
+                });
+            }
+            Ok(StoredExperts::new(store, host_slots, cuda)?.into())
+        })
+    }
+
+    fn build(
+        config: CacheConfig,
+        source: impl FnOnce(&ExpertLayout, Option<&Arc<Context>>) -> Result<ExpertSource>,
+    ) -> Result<Self> {
         let layout = ExpertLayout::new(&config.layers)?;
         if config.slot_bytes < layout.max_expert_bytes() {
             return Err(CoreError::InvalidConfig(format!(
@@ -98,7 +151,7 @@ impl ExpertCache {
             Device::Host => None,
             Device::Cuda { ordinal } => Some(Context::primary(ordinal)?),
         };
-        let host = HostTier::new(layout, context.as_ref())?;
+        let source = source(&layout, context.as_ref())?;
         let backend = match context {
             None => CopyBackend::Host,
             Some(ctx) => CopyBackend::Cuda(CudaCopies::new(ctx, config.n_slots)?),
@@ -107,18 +160,20 @@ impl ExpertCache {
             config.pool_address,
             config.slot_bytes,
             config.n_slots,
-            host.layout().num_experts(),
+            layout.num_experts(),
         )?;
-        let policy = policy_by_name(&config.policy, config.n_slots, host.layout().num_experts())?;
-        let core = CacheCore::new(host.layout().clone(), pool, policy);
-        let tracer = tracer_for(host.layout(), &config)?;
+        let policy = policy_by_name(&config.policy, config.n_slots, layout.num_experts())?;
+        let tracer = tracer_for(&layout, &config)?;
+        let core = CacheCore::new(layout, pool, policy);
         let shared = Arc::new(Shared {
             timing: Mutex::new(TimingEstimate::default()),
-            host,
+            source,
             state: Mutex::new(core),
             copied: Condvar::new(),
             queue: PrefetchQueue::new(),
             backend,
+            staging: Mutex::new(Staging::default()),
+            staged: Condvar::new(),
         });
         let workers = (0..config.copy_workers)
             .map(|i| spawn_worker(Arc::clone(&shared), i))
@@ -139,7 +194,7 @@ impl ExpertCache {
     }
 
     pub fn layout(&self) -> &ExpertLayout {
-        self.shared.host.layout()
+        self.shared.source.layout()
     }
 
     pub fn is_cuda(&self) -> bool {
@@ -147,7 +202,62 @@ impl ExpertCache {
     }
 
     pub fn host_is_pinned(&self) -> bool {
-        self.shared.host.is_pinned()
+        self.shared.source.is_pinned()
+    }
+
+    /// The store behind the host cache, when there is one.
+    pub fn store(&self) -> Option<&ExpertStore> {
+        match &self.shared.source {
+            ExpertSource::Stored(stored) => Some(stored.store()),
+            ExpertSource::Resident(_) => None,
+        }
+    }
+
+    /// Slots of the host cache (0 when every expert is in the host tier).
+    pub fn host_slots(&self) -> usize {
+        match &self.shared.source {
+            ExpertSource::Stored(stored) => stored.host_cache().len(),
+            ExpertSource::Resident(_) => 0,
+        }
+    }
+
+    /// The host cache's statistics, when a store backs the cache.
+    pub fn host_stats(&self) -> Option<HostCacheStats> {
+        match &self.shared.source {
+            ExpertSource::Stored(stored) => Some(stored.stats()),
+            ExpertSource::Resident(_) => None,
+        }
+    }
+
+    /// Reads `experts` (layer, expert) from the store into the host cache
+    /// on the copy workers, in the order given, and returns once all are
+    /// in (or the cache is full); the first read error, if any. Nothing to
+    /// do when every expert is in the host tier.
+    pub fn preload(&self, experts: &[(u32, u32)]) -> Result<()> {
+        let ids = experts
+            .iter()
+            .map(|&(layer, expert)| self.layout().id(layer, expert))
+            .collect::<Result<Vec<_>>>()?;
+        if matches!(self.shared.source, ExpertSource::Resident(_)) || ids.is_empty() {
+            return Ok(());
+        }
+        lock(&self.shared.staging).pending += ids.len();
+        for expert in ids {
+            self.shared.queue.push(CopyRequest {
+                expert,
+                slot: None,
+                urgency: Urgency::Stage,
+            });
+        }
+        let mut staging = lock(&self.shared.staging);
+        while staging.pending > 0 {
+            staging = self
+                .shared
+                .staged
+                .wait(staging)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        staging.failure.take().map_or(Ok(()), Err)
     }
 
     pub fn n_slots(&self) -> usize {
@@ -159,7 +269,12 @@ impl ExpertCache {
     /// reading those bytes.
     pub fn write_expert(&self, layer: u32, expert: u32, offset: usize, src: &[u8]) -> Result<()> {
         let id = self.layout().id(layer, expert)?;
-        self.shared.host.check_range(id, offset, src.len())?;
+        let ExpertSource::Resident(host) = &self.shared.source else {
+            return Err(CoreError::Protocol(
+                "this cache reads its experts from an expert store; they cannot be written".into(),
+            ));
+        };
+        host.check_range(id, offset, src.len())?;
         // Holding the lock keeps any fetch of this expert out until done.
         let state = self.shared.lock();
         if state.pool().lookup(id).is_some() {
@@ -171,11 +286,7 @@ impl ExpertCache {
         // worker reads this blob: it is in no slot, and the lock we hold
         // keeps it out of any.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                src.as_ptr(),
-                self.shared.host.expert_ptr(id).add(offset),
-                src.len(),
-            )
+            std::ptr::copy_nonoverlapping(src.as_ptr(), host.expert_ptr(id).add(offset), src.len())
         };
         Ok(())
     }
@@ -189,19 +300,31 @@ impl ExpertCache {
         dst: &mut [u8],
     ) -> Result<()> {
         let id = self.layout().id(layer, expert)?;
-        self.shared.host.check_range(id, offset, dst.len())?;
-        // Writers hold the lock; readers may share the bytes with copy workers.
-        let _state = self.shared.lock();
-        // SAFETY: the range is inside the blob, and nobody writes it while
-        // we hold the lock (writes happen only under it).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.shared.host.expert_ptr(id).add(offset),
-                dst.as_mut_ptr(),
-                dst.len(),
-            )
-        };
-        Ok(())
+        check_range(self.layout(), id, offset, dst.len())?;
+        match &self.shared.source {
+            ExpertSource::Resident(host) => {
+                // Writers hold the lock; readers may share the bytes with copy workers.
+                let _state = self.shared.lock();
+                // SAFETY: the range is inside the blob, and nobody writes it while
+                // we hold the lock (writes happen only under it).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        host.expert_ptr(id).add(offset),
+                        dst.as_mut_ptr(),
+                        dst.len(),
+                    )
+                };
+                Ok(())
+            }
+            ExpertSource::Stored(stored) => stored.with_expert(id, |src| {
+                // SAFETY: `src` starts the expert's loaded blob in a host slot
+                // pinned for this call; the range is inside the blob.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.add(offset), dst.as_mut_ptr(), dst.len())
+                };
+                Ok(())
+            }),
+        }
     }
 
     /// Pins a slot for each expert of `layer`, queueing on-demand copies for
@@ -301,11 +424,12 @@ impl ExpertCache {
         loop {
             match state.phase(slot) {
                 Phase::Ready => break,
-                Phase::Failed(reason) => {
+                Phase::Failed(failure) => {
                     return Err(CoreError::CopyFailed {
                         layer,
                         expert,
-                        reason: reason.clone(),
+                        reason: failure.reason.clone(),
+                        from_store: failure.from_store,
                     })
                 }
                 _ => {
@@ -355,6 +479,9 @@ impl ExpertCache {
 
     pub fn reset_stats(&self) {
         self.shared.lock().reset_stats();
+        if let ExpertSource::Stored(stored) = &self.shared.source {
+            stored.host_cache().reset_stats();
+        }
     }
 
     fn ids(&self, layer: u32, experts: &[u32]) -> Result<Vec<ExpertId>> {
@@ -383,30 +510,102 @@ impl Shared {
     /// One copy worker: take the most urgent request, copy, mark ready.
     fn serve(&self, copier: &WorkerCopier) {
         while let Some(request) = self.queue.pop() {
-            let Some(job) = self.lock().accept(request) else {
-                continue; // stale: the expert arrived meanwhile, or not worth a slot
-            };
-            let dst = self.lock().pool().address(job.slot);
-            // SAFETY: the host blob is `job.bytes` long and not written while
-            // its expert holds a slot; the slot is at least that long and only
-            // this worker writes it while it is in phase Copying.
-            let outcome = unsafe {
+            if request.urgency == Urgency::Stage {
+                self.preload_one(request.expert);
+                continue;
+            }
+            // None: stale (the expert arrived meanwhile) or not worth a slot.
+            // Such a prefetch is not read into the host cache either: doing
+            // so cost more disk reads than it saved (benches/store.py).
+            let job = self.lock().accept(request);
+            if let Some(job) = job {
+                self.transfer(copier, &job);
+            }
+        }
+    }
+
+    /// Copies the job's expert into its slot (reading it from the store
+    /// first when the host cache lacks it) and publishes the outcome.
+    fn transfer(&self, copier: &WorkerCopier, job: &CopyJob) {
+        let dst = self.lock().pool().address(job.slot);
+        let outcome = match &self.source {
+            // SAFETY: the slot is at least `job.bytes` long and only this
+            // worker writes it while it is in phase Copying; the host tier's
+            // blob holds `job.bytes` bytes and is not written while its
+            // expert holds a slot.
+            ExpertSource::Resident(host) => unsafe {
                 copier.copy(
                     &self.backend,
                     job.slot,
-                    self.host.expert_ptr(job.expert),
+                    host.expert_ptr(job.expert),
                     dst,
                     job.bytes,
                     job.wait_for_reader,
                     self.queue.is_empty(),
                 )
-            };
-            if let Ok(Some(took)) = outcome {
-                lock(&self.timing).record_copy(job.bytes, took.as_secs_f64());
-            }
-            self.lock()
-                .finish_copy(&job, outcome.map(drop).map_err(|e| e.to_string()));
-            self.copied.notify_all();
+            },
+            ExpertSource::Stored(stored) => stored.with_expert(job.expert, |src| {
+                // SAFETY: as above for the slot; `src` starts the expert's
+                // loaded blob (at least `job.bytes` long) in a host slot that
+                // stays pinned, so unwritten, until this closure returns,
+                // and it returns only once the copy has landed.
+                unsafe {
+                    copier.copy(
+                        &self.backend,
+                        job.slot,
+                        src,
+                        dst,
+                        job.bytes,
+                        job.wait_for_reader,
+                        true,
+                    )
+                }
+            }),
+        };
+        if let Ok(Some(took)) = outcome {
+            lock(&self.timing).record_copy(job.bytes, took.as_secs_f64());
+        }
+        self.lock()
+            .finish_copy(job, outcome.map(drop).map_err(|e| CopyFailure::from(&e)));
+        self.copied.notify_all();
+    }
+
+    /// Reads one expert of a [`preload`](ExpertCache::preload) into the
+    /// host cache.
+    fn preload_one(&self, expert: ExpertId) {
+        let outcome = match &self.source {
+            ExpertSource::Stored(stored) => stored.stage(expert),
+            ExpertSource::Resident(_) => Ok(()),
+        };
+        self.preloaded(outcome);
+    }
+
+    /// One stage request of a [`preload`](ExpertCache::preload) was served.
+    fn preloaded(&self, outcome: Result<()>) {
+        let mut staging = lock(&self.staging);
+        staging.pending -= 1;
+        if let Err(e) = outcome {
+            staging.failure.get_or_insert(e);
+        }
+        drop(staging);
+        self.staged.notify_all();
+    }
+}
+
+/// Checks that `offset..offset + len` lies inside expert `id`'s blob.
+fn check_range(layout: &ExpertLayout, id: ExpertId, offset: usize, len: usize) -> Result<()> {
+    let size = layout.bytes(id);
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        end => {
+            let (layer, expert) = layout.locate(id);
+            Err(CoreError::OutOfBounds {
+                layer,
+                expert,
+                offset,
+                end: end.unwrap_or(usize::MAX),
+                size,
+            })
         }
     }
 }
@@ -460,18 +659,22 @@ fn spawn_worker(shared: Arc<Shared>, index: usize) -> std::io::Result<JoinHandle
         .spawn(
             move || match WorkerCopier::on_this_thread(&shared.backend) {
                 Ok(copier) => shared.serve(&copier),
-                Err(e) => fail_all(&shared, &e.to_string()),
+                Err(e) => fail_all(&shared, &e),
             },
         )
 }
 
 /// A worker that cannot set itself up fails every request it takes, so
 /// waiters get an error instead of hanging.
-fn fail_all(shared: &Shared, reason: &str) {
+fn fail_all(shared: &Shared, error: &CoreError) {
     while let Some(request) = shared.queue.pop() {
+        if request.urgency == Urgency::Stage {
+            shared.preloaded(Err(CoreError::InvalidConfig(error.to_string())));
+            continue;
+        }
         let mut state = shared.lock();
         if let Some(job) = state.accept(request) {
-            state.finish_copy(&job, Err(reason.to_string()));
+            state.finish_copy(&job, Err(CopyFailure::from(error)));
         }
         drop(state);
         shared.copied.notify_all();

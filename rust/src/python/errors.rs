@@ -32,6 +32,12 @@ create_exception!(
 );
 create_exception!(
     moe_offload,
+    StoreError,
+    MoeOffloadError,
+    "An expert store or checkpoint on disk is missing, damaged or does not match the model."
+);
+create_exception!(
+    moe_offload,
     DeviceError,
     MoeOffloadError,
     "The CUDA driver failed or is missing."
@@ -42,6 +48,10 @@ pub fn to_py(error: CoreError) -> PyErr {
     match error {
         CoreError::BudgetTooSmall { .. } => BudgetError::new_err(message),
         CoreError::Cuda(_) => DeviceError::new_err(message),
+        CoreError::Store { .. }
+        | CoreError::CopyFailed {
+            from_store: true, ..
+        } => StoreError::new_err(message),
         CoreError::CopyFailed { .. }
         | CoreError::UnknownExpert { .. }
         | CoreError::OutOfBounds { .. }
@@ -61,5 +71,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("PatchStateError", py.get_type::<PatchStateError>())?;
     m.add("DeviceError", py.get_type::<DeviceError>())?;
+    m.add("StoreError", py.get_type::<StoreError>())?;
     Ok(())
 }

@@ -10,16 +10,20 @@
 mod errors;
 mod lab;
 mod planner;
+mod store;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::cache::{CacheConfig, Device, ExpertCache as CoreCache};
 use errors::to_py;
+use store::PyExpertStore;
 
-/// The device expert cache with its host tier and copy workers.
+/// The device expert cache with its host tier (or expert store and host
+/// cache) and copy workers.
 #[pyclass(frozen, module = "moe_offload._core", name = "ExpertCache")]
 struct PyExpertCache {
     cache: CoreCache,
@@ -34,7 +38,8 @@ impl PyExpertCache {
     /// Planner settings (prefetch depth, EAMC capacity, ...) come as
     /// keyword arguments; see `planner.rs`.
     #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=1,
-        policy="activation-aware", budget_bytes=None, eamc_path=None, **planner))]
+        policy="activation-aware", budget_bytes=None, eamc_path=None, store=None, host_slots=0,
+        **planner))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -48,6 +53,8 @@ impl PyExpertCache {
         policy: &str,
         budget_bytes: Option<u64>,
         eamc_path: Option<PathBuf>,
+        store: Option<Py<PyExpertStore>>,
+        host_slots: usize,
         planner: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let budget_bytes = budget_bytes.unwrap_or((slot_bytes * n_slots) as u64);
@@ -63,7 +70,13 @@ impl PyExpertCache {
             planner: planner::planner_config(planner)?,
             eamc_path,
         };
-        let cache = py.detach(|| CoreCache::new(config)).map_err(to_py)?;
+        let store = store.map(|s| Arc::clone(&s.get().store));
+        let cache = py
+            .detach(|| match store {
+                Some(store) => CoreCache::with_store(config, store, host_slots),
+                None => CoreCache::new(config),
+            })
+            .map_err(to_py)?;
         Ok(Self {
             cache,
             _pool_owner: pool_owner,
@@ -89,6 +102,37 @@ impl PyExpertCache {
     #[getter]
     fn n_slots(&self) -> usize {
         self.cache.n_slots()
+    }
+
+    /// Slots of the host cache (0 when every expert is in the host tier).
+    #[getter]
+    fn host_slots(&self) -> usize {
+        self.cache.host_slots()
+    }
+
+    /// Reads (layer, expert) pairs from the store into the host cache on the
+    /// copy workers; returns once they are in, or raises the first error.
+    fn preload(&self, py: Python<'_>, experts: Vec<(u32, u32)>) -> PyResult<()> {
+        py.detach(|| self.cache.preload(&experts)).map_err(to_py)
+    }
+
+    /// The host cache's statistics; None without a store.
+    fn host_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(s) = self.cache.host_stats() else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("host_hits", s.hits)?;
+        d.set_item("host_misses", s.misses)?;
+        d.set_item("host_staged", s.staged)?;
+        d.set_item("host_evictions", s.evictions)?;
+        d.set_item("bytes_from_store", s.bytes_read)?;
+        d.set_item("store_read_seconds", s.read_seconds)?;
+        d.set_item(
+            "store_direct_io",
+            self.cache.store().is_some_and(|s| s.uses_direct_io()),
+        )?;
+        Ok(Some(d))
     }
 
     /// Copies `nbytes` at host address `src` into the expert's host blob.
@@ -240,6 +284,8 @@ fn cuda_driver_status() -> (bool, String) {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyExpertCache>()?;
+    m.add_class::<PyExpertStore>()?;
+    m.add_class::<store::PyStoreWriter>()?;
     m.add_class::<lab::PyActivationCollection>()?;
     m.add_class::<lab::PyMatcher>()?;
     m.add_function(wrap_pyfunction!(lab::replay, m)?)?;

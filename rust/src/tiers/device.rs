@@ -17,7 +17,24 @@ pub enum Phase {
     Queued,
     Copying,
     Ready,
-    Failed(String),
+    Failed(CopyFailure),
+}
+
+/// Why a slot's copy failed, kept for every reader of the slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyFailure {
+    pub reason: String,
+    /// Reading the expert store failed (readers see a store error).
+    pub from_store: bool,
+}
+
+impl From<&CoreError> for CopyFailure {
+    fn from(error: &CoreError) -> Self {
+        Self {
+            reason: error.to_string(),
+            from_store: matches!(error, CoreError::Store { .. }),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -206,7 +223,7 @@ impl SlotPool {
     }
 
     /// The copy into the slot completed (`Ok`) or failed (`Err(reason)`).
-    pub fn finish_copy(&mut self, slot: SlotId, outcome: std::result::Result<(), String>) {
+    pub fn finish_copy(&mut self, slot: SlotId, outcome: std::result::Result<(), CopyFailure>) {
         let entry = &mut self.slots[slot as usize];
         debug_assert_eq!(entry.phase, Phase::Copying);
         entry.phase = match outcome {
@@ -304,7 +321,10 @@ mod tests {
         let mut lru = Lru::new(1);
         let slot = pool.assign(3, &mut lru).unwrap().slot;
         pool.start_copy(slot, 3).unwrap();
-        pool.finish_copy(slot, Err("boom".into()));
+        pool.finish_copy(
+            slot,
+            Err(CopyFailure::from(&CoreError::Protocol("boom".into()))),
+        );
         assert!(matches!(pool.phase(slot), Phase::Failed(_)));
         pool.unpin(slot).unwrap();
         assert_eq!(pool.lookup(3), None);

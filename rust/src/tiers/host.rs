@@ -2,36 +2,60 @@
 //! aligned offset. Pinned (page-locked, registered with the CUDA driver) when
 //! the device tier is on a GPU, so host-to-device copies are truly async.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::Arc;
 
 use moe_offload_cuda::{Context, PinnedHostBuffer};
 
-use super::{align_up, BLOB_ALIGN};
+use super::align_up;
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
 
-/// Host memory that is either ordinary (page-aligned) or CUDA-pinned.
-enum HostMemory {
-    Plain { ptr: *mut u8, layout: Layout },
+/// Host memory that is either ordinary (an anonymous mapping: page-aligned,
+/// zero-filled on first touch, so untouched parts cost no RAM) or CUDA-pinned.
+pub(crate) enum HostMemory {
+    Plain { ptr: *mut u8, len: usize },
     Pinned(PinnedHostBuffer),
 }
 
 impl HostMemory {
-    fn plain(bytes: usize) -> Result<Self> {
-        let layout = Layout::from_size_align(bytes.max(1), BLOB_ALIGN)
-            .map_err(|e| CoreError::InvalidConfig(format!("host tier of {bytes} bytes: {e}")))?;
-        // SAFETY: `layout` has a non-zero size (at least 1 byte).
-        let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
-            return Err(CoreError::InvalidConfig(format!(
-                "could not allocate {bytes} bytes of host memory for the host tier"
-            )));
+    /// `bytes` of host memory, pinned in `cuda`'s context when given.
+    pub(crate) fn new(bytes: usize, cuda: Option<&Arc<Context>>) -> Result<Self> {
+        match cuda {
+            Some(ctx) => Ok(Self::Pinned(PinnedHostBuffer::new(ctx, bytes.max(1))?)),
+            None => Self::plain(bytes),
         }
-        Ok(Self::Plain { ptr, layout })
     }
 
-    fn base(&self) -> *mut u8 {
+    fn plain(bytes: usize) -> Result<Self> {
+        let len = bytes.max(1);
+        // SAFETY: an anonymous private mapping touches no existing memory;
+        // the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(CoreError::InvalidConfig(format!(
+                "could not map {bytes} bytes of host memory: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // Pages are faulted in by their first write (a blob read or copied
+        // in), spread over the copy workers; populating the mapping up front,
+        // or advising huge pages, measured slower (benches/store.py).
+        Ok(Self::Plain {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub(crate) fn base(&self) -> *mut u8 {
         match self {
             Self::Plain { ptr, .. } => *ptr,
             Self::Pinned(buffer) => buffer.as_mut_ptr(),
@@ -41,9 +65,10 @@ impl HostMemory {
 
 impl Drop for HostMemory {
     fn drop(&mut self) {
-        if let Self::Plain { ptr, layout } = self {
-            // SAFETY: `ptr` came from `alloc_zeroed(layout)` and is freed once, here.
-            unsafe { dealloc(*ptr, *layout) };
+        if let Self::Plain { ptr, len } = self {
+            // SAFETY: `ptr` and `len` are the mapping made in `plain`,
+            // unmapped once, here.
+            unsafe { libc::munmap(ptr.cast(), *len) };
         }
     }
 }
@@ -76,10 +101,7 @@ impl HostTier {
             offsets.push(total);
             total += align_up(layout.bytes(id));
         }
-        let memory = match cuda {
-            Some(ctx) => HostMemory::Pinned(PinnedHostBuffer::new(ctx, total.max(1))?),
-            None => HostMemory::plain(total)?,
-        };
+        let memory = HostMemory::new(total, cuda)?;
         Ok(Self {
             memory,
             offsets,
@@ -123,6 +145,7 @@ impl HostTier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiers::BLOB_ALIGN;
 
     #[test]
     fn blobs_are_aligned_and_disjoint() {

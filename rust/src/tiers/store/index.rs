@@ -1,0 +1,61 @@
+//! The store's index, `moe-store.json`: what every blob holds and where.
+
+use serde::{Deserialize, Serialize};
+
+/// The whole index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreIndex {
+    /// Always [`FORMAT`](super::FORMAT): tells a store index from other JSON.
+    pub format: String,
+    pub version: u32,
+    /// Random, written into every blob file's header as well.
+    pub store_id: u64,
+    /// One entry per MoE layer, in the model's execution order.
+    pub layers: Vec<LayerIndex>,
+    /// Every file of the store but the index, with its size in bytes.
+    pub files: Vec<FileEntry>,
+    /// The caller's description of the model (configuration, dtype, source
+    /// checkpoint); the core stores it without looking inside.
+    pub meta: serde_json::Value,
+}
+
+/// One MoE layer: its experts' blobs share a tensor layout and a size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerIndex {
+    /// The experts' module in the model (e.g. `model.layers.3.mlp.experts`).
+    pub name: String,
+    /// The blob file, relative to the store directory.
+    pub file: String,
+    /// Meaningful bytes of one blob (the checksum covers exactly these).
+    pub blob_bytes: u64,
+    /// Distance between consecutive blobs: `blob_bytes` rounded up to 4 KiB.
+    pub stride: u64,
+    pub tensors: Vec<TensorIndex>,
+    /// One entry per expert, in expert order.
+    pub blobs: Vec<BlobIndex>,
+}
+
+/// One tensor of every expert of a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorIndex {
+    pub name: String,
+    /// A torch dtype name without the `torch.` prefix, e.g. `bfloat16`.
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    /// Byte offset inside the blob.
+    pub offset: u64,
+}
+
+/// Where one expert's blob starts in its layer file, and its checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobIndex {
+    pub offset: u64,
+    pub crc32: u32,
+}
+
+/// A file of the store and the size it must have.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+}

@@ -1,0 +1,448 @@
+"""Models larger than host memory: `from_pretrained` on checkpoints written by
+`save_pretrained`, the expert store `convert` writes, and every way a file on
+disk can be missing, damaged or not match the model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build, expert_bytes, prompt
+
+import moe_offload
+from moe_offload import BudgetError, MoeOffloadError, StoreError
+
+NEW_TOKENS = 12
+FAMILIES = ["mixtral", "deepseek_v2"]
+
+
+def generate(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.logits)
+
+
+def save(model, path: Path) -> Path:
+    """A sharded checkpoint, as `save_pretrained` writes it."""
+    model.save_pretrained(path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(request, tmp_path_factory):
+    """(family, plain model, its checkpoint, its expert store)."""
+    family = request.param
+    model = build(family)
+    root = tmp_path_factory.mktemp(family)
+    checkpoint = save(model, root / "checkpoint")
+    store = root / "store"
+    summary = moe_offload.convert(checkpoint, store)
+    assert summary.experts == sum(b.num_experts for b in moe_offload.adapters.find_expert_blocks(model))
+    return family, model, checkpoint, store
+
+
+@pytest.mark.parametrize("source", ["checkpoint in place", "converted store"])
+def test_from_pretrained_generates_what_the_plain_model_generates(saved, source):
+    family, model, checkpoint, store = saved
+    inputs = prompt(family)
+    plain_tokens, plain_logits = generate(model, inputs)
+    model.set_experts_implementation("eager")
+    eager_tokens, eager_logits = generate(model, inputs)
+    model.set_experts_implementation(None)
+    experts = expert_bytes(model)
+    path = checkpoint if source == "checkpoint in place" else store
+    loaded, offloader = moe_offload.from_pretrained(
+        path, device="cpu", device_budget=experts // 4, host_budget=int(experts * 0.4)
+    )
+    tokens, logits = generate(loaded, inputs)
+    stats = offloader.stats()
+
+    assert torch.equal(tokens, plain_tokens)
+    assert torch.equal(tokens, eager_tokens)
+    assert torch.equal(logits, eager_logits), "same arithmetic must give bit-identical logits"
+    assert (logits - plain_logits).abs().max().item() <= 1e-5
+    assert stats["host_budget_bytes"] < experts, "the host cache is smaller than the experts"
+    assert stats["host_misses"] > 0 and stats["bytes_from_store"] > 0, "experts came from disk"
+    assert stats["store_direct_io"] == (source == "converted store" and _direct_io_works(store))
+    assert all(p.is_meta for n, p in loaded.named_parameters() if ".experts." in n and "shared" not in n)
+    moe_offload.unpatch(loaded)
+    original = dict(model.named_parameters())
+    assert all(torch.equal(p, original[n]) for n, p in loaded.named_parameters()), "unpatch gives the weights"
+
+
+def _direct_io_works(store: Path) -> bool:
+    try:
+        fd = os.open(store / "layer-000.bin", os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_checkpoint_is_converted_on_first_use_and_reused_after(saved, tmp_path):
+    family, model, checkpoint, _ = saved
+    store = tmp_path / "store"
+    experts = expert_bytes(model)
+    first, _ = moe_offload.from_pretrained(
+        checkpoint, device="cpu", host_budget=experts // 2, store_dir=store
+    )
+    index = store / "moe-store.json"
+    assert index.is_file()
+    written = index.stat().st_mtime_ns
+    second, _ = moe_offload.from_pretrained(
+        checkpoint, device="cpu", host_budget=experts // 2, store_dir=store
+    )
+    assert index.stat().st_mtime_ns == written, "an existing store is used, not rewritten"
+    inputs = prompt(family)
+    assert torch.equal(generate(first, inputs)[0], generate(second, inputs)[0])
+    layout = json.loads(index.read_text())
+    assert all(blob["offset"] % 4096 == 0 for layer in layout["layers"] for blob in layer["blobs"])
+    assert {"name", "dtype", "shape", "offset"} <= set(layout["layers"][0]["tensors"][0])
+
+
+def test_a_host_budget_that_holds_every_expert_reads_them_all_up_front(saved):
+    _, model, _, store = saved
+    experts = expert_bytes(model)
+    _, offloader = moe_offload.from_pretrained(store, device="cpu", host_budget=4 * experts)
+    assert offloader.stats()["host_slots"] == sum(b.num_experts for b in offloader.blocks)
+    assert offloader.cache.host_stats()["host_misses"] == 0
+
+
+def test_a_host_budget_below_one_tokens_experts_states_the_minimum(saved):
+    _, _, _, store = saved
+    with pytest.raises(BudgetError, match=r"at least \d+ bytes") as info:
+        moe_offload.from_pretrained(store, device="cpu", host_budget="4KiB")
+    minimum = int(str(info.value).split("at least ")[1].split(" bytes")[0])
+    with pytest.raises(BudgetError):
+        moe_offload.from_pretrained(store, device="cpu", host_budget=minimum - 1)
+    model, _ = moe_offload.from_pretrained(store, device="cpu", host_budget=minimum)
+    generate(model, prompt("mixtral"))
+
+
+def test_converting_to_another_dtype(saved, tmp_path):
+    family, model, checkpoint, _ = saved
+    store = tmp_path / "bf16"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_offload.cli",
+            "convert",
+            str(checkpoint),
+            str(store),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "experts" in result.stdout and "MB/s" in result.stdout
+    loaded, _ = moe_offload.from_pretrained(store, device="cpu", host_budget=expert_bytes(model))
+    assert loaded.dtype == torch.bfloat16
+    reference = build(family).to(torch.bfloat16)
+    reference.set_experts_implementation("eager")
+    assert torch.equal(generate(loaded, prompt(family))[0], generate(reference, prompt(family))[0])
+    with pytest.raises(StoreError, match="bfloat16"):
+        moe_offload.from_pretrained(store, device="cpu", dtype="float32")
+    with pytest.raises(StoreError, match="cannot be read in place"):
+        moe_offload.from_pretrained(checkpoint, device="cpu", dtype="bfloat16")
+
+
+# --- damage: each error names the file and says what to do; nothing is modified
+
+
+@pytest.fixture
+def mixtral(tmp_path):
+    model = build("mixtral")
+    checkpoint = save(model, tmp_path / "checkpoint")
+    store = tmp_path / "store"
+    moe_offload.convert(checkpoint, store)
+    return model, checkpoint, store
+
+
+def test_a_corrupt_blob_is_named_at_its_first_read_and_the_store_is_left_alone(mixtral):
+    model, _, store = mixtral
+    layer_file = store / "layer-000.bin"
+    stride = json.loads((store / "moe-store.json").read_text())["layers"][0]["stride"]
+    experts = expert_bytes(model)
+
+    def flip(expert: int) -> None:
+        data = bytearray(layer_file.read_bytes())
+        data[4096 + expert * stride + 100] ^= 0x01
+        layer_file.write_bytes(bytes(data))
+
+    flip(3)  # one byte of one expert
+    before = digest(store)
+    # Reading every expert up front finds it before generation starts.
+    with pytest.raises(
+        StoreError, match=r"layer-000\.bin.*checksum mismatch in expert 3 of MoE layer 0.*convert"
+    ):
+        moe_offload.from_pretrained(store, device="cpu", host_budget=4 * experts)
+    assert digest(store) == before, "reading never writes"
+    # Read lazily, the first expert read fails generation, naming file and expert.
+    for expert in (0, 1, 2, 4, 5, 6, 7):
+        flip(expert)
+    before = digest(store)
+    loaded, _ = moe_offload.from_pretrained(
+        store, device="cpu", host_budget=experts // 2, device_budget=experts // 4
+    )
+    with pytest.raises(
+        MoeOffloadError, match=r"layer-000\.bin.*checksum mismatch in expert \d of MoE layer 0"
+    ):
+        generate(loaded, prompt("mixtral"))
+    assert digest(store) == before, "reading never writes"
+    # A device budget that holds every expert loads them all at patch time:
+    # found before generation, and the failed patch reads nothing back.
+    with pytest.raises(StoreError, match=r"layer-000\.bin.*checksum mismatch in expert \d"):
+        moe_offload.from_pretrained(store, device="cpu", host_budget=experts // 2)
+    assert digest(store) == before, "reading never writes"
+
+
+def test_a_missing_shard_is_named_before_anything_is_written(mixtral, tmp_path):
+    _, checkpoint, _ = mixtral
+    index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[3]
+    (checkpoint / shard).unlink()
+    store = tmp_path / "new-store"
+    with pytest.raises(StoreError, match=f"{shard}: is missing") as info:
+        moe_offload.from_pretrained(checkpoint, device="cpu", store_dir=store)
+    assert "Download or copy" in str(info.value)
+    assert not store.exists()
+    with pytest.raises(StoreError, match=f"{shard}: is missing"):
+        moe_offload.from_pretrained(checkpoint, device="cpu")
+
+
+def test_a_truncated_shard_is_named(mixtral):
+    _, checkpoint, _ = mixtral
+    shard = checkpoint / "model-00003-of-00013.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(StoreError, match=r"model-00003-of-00013\.safetensors: is truncated"):
+        moe_offload.from_pretrained(checkpoint, device="cpu")
+
+
+def test_a_missing_or_truncated_blob_file_is_named_before_generation(mixtral):
+    _, _, store = mixtral
+    layer_file = store / "layer-002.bin"
+    layer_file.write_bytes(layer_file.read_bytes()[:-4096])
+    with pytest.raises(StoreError, match=r"layer-002\.bin: is \d+ bytes but the store's index says \d+"):
+        moe_offload.from_pretrained(store, device="cpu")
+    layer_file.unlink()
+    with pytest.raises(StoreError, match=r"layer-002\.bin: is missing"):
+        moe_offload.from_pretrained(store, device="cpu")
+
+
+def test_a_truncated_index_is_refused(mixtral):
+    _, _, store = mixtral
+    index = store / "moe-store.json"
+    index.write_bytes(index.read_bytes()[:-50])
+    with pytest.raises(StoreError, match=r"moe-store\.json: is damaged"):
+        moe_offload.from_pretrained(store, device="cpu")
+
+
+def test_a_store_that_disagrees_with_the_model_config_is_refused(mixtral):
+    _, _, store = mixtral
+    config = json.loads((store / "config.json").read_text())
+    config["intermediate_size"] = 40
+    (store / "config.json").write_text(json.dumps(config))
+    # config.json is part of the store: its size is checked too.
+    with pytest.raises(StoreError, match=r"config\.json: is \d+ bytes"):
+        moe_offload.from_pretrained(store, device="cpu")
+    index = json.loads((store / "moe-store.json").read_text())
+    for entry in index["files"]:
+        if entry["name"] == "config.json":
+            entry["bytes"] = (store / "config.json").stat().st_size
+    (store / "moe-store.json").write_text(json.dumps(index))
+    with pytest.raises(
+        StoreError, match=r"layer-000\.bin: experts 0-7 of MoE layer 0 .* \[96, 32\].*\[80, 32\]"
+    ):
+        moe_offload.from_pretrained(store, device="cpu")
+
+
+def test_a_checkpoint_that_disagrees_with_its_config_is_refused(mixtral):
+    _, checkpoint, _ = mixtral
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["num_local_experts"] = 6
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(StoreError, match=r"holds 8 tensors .* the model config has 6 experts"):
+        moe_offload.from_pretrained(checkpoint, device="cpu")
+
+
+def test_a_store_of_another_checkpoint_is_not_used(mixtral, tmp_path):
+    _, _, store = mixtral
+    other = save(build("mixtral", seed=1), tmp_path / "other")
+    with pytest.raises(StoreError, match="converted from another checkpoint"):
+        moe_offload.from_pretrained(other, device="cpu", store_dir=store)
+
+
+def test_an_existing_directory_is_not_overwritten_unless_asked(mixtral):
+    _, checkpoint, store = mixtral
+    before = digest(store)
+    with pytest.raises(StoreError, match="overwrite"):
+        moe_offload.convert(checkpoint, store)
+    assert digest(store) == before
+    moe_offload.convert(checkpoint, store, overwrite=True)
+    moe_offload.from_pretrained(store, device="cpu")
+
+
+def test_an_interrupted_conversion_leaves_nothing(mixtral, tmp_path, monkeypatch):
+    _, checkpoint, _ = mixtral
+    calls = {"n": 0}
+    real = moe_offload.checkpoint.WeightMap.expert_tensor
+
+    def interrupted(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(moe_offload.checkpoint.WeightMap, "expert_tensor", interrupted)
+    store = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        moe_offload.convert(checkpoint, store)
+    assert not store.exists(), "the directory the conversion created is removed"
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        moe_offload.convert(checkpoint, existing)
+    assert list(existing.iterdir()) == [], "a directory that existed is emptied of partial output"
+
+
+KILLED_CONVERSION = """
+import os, signal, sys
+import moe_offload
+from moe_offload.checkpoint import WeightMap
+real = WeightMap.expert_tensor
+calls = [0]
+def dying(self, *args):
+    calls[0] += 1
+    if calls[0] == 20:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args)
+WeightMap.expert_tensor = dying
+moe_offload.convert(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_killed_conversion_leaves_a_store_that_is_refused_then_replaced(mixtral, tmp_path):
+    _, checkpoint, _ = mixtral
+    store = tmp_path / "killed"
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_CONVERSION, str(checkpoint), str(store)],
+        capture_output=True,
+        timeout=300,
+    )
+    assert result.returncode == -signal.SIGKILL
+    assert [p.name for p in store.iterdir()] == [f".partial-{_pid_of(store)}"]
+    with pytest.raises(StoreError, match="half-written expert store") as info:
+        moe_offload.from_pretrained(store, device="cpu")
+    assert "moe-offload convert" in str(info.value)
+    # Converting again (here on first use) clears the leftovers.
+    model, _ = moe_offload.from_pretrained(checkpoint, device="cpu", store_dir=store)
+    assert not [p for p in store.iterdir() if p.name.startswith(".partial-")]
+    generate(model, prompt("mixtral"))
+
+
+def _pid_of(store: Path) -> str:
+    [partial] = [p.name for p in store.iterdir()]
+    return partial.removeprefix(".partial-")
+
+
+def test_a_full_disk_is_a_clear_error_and_the_partial_output_is_removed(mixtral, tmp_path, monkeypatch):
+    _, checkpoint, _ = mixtral
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        store = mount / "store"
+        with pytest.raises(StoreError, match=r"needs .* only .* free") as info:
+            moe_offload.convert(checkpoint, store)
+        assert "choose another directory" in str(info.value)
+        assert not store.exists()
+        # Past the up-front check, the disk filling up during writing is caught too.
+        monkeypatch.setattr(moe_offload.conversion, "_check_free_space", lambda *args: None)
+        with pytest.raises(StoreError, match="no space left on the device") as info:
+            moe_offload.convert(checkpoint, store)
+        assert "partial output" in str(info.value)
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_refused_before_converting(mixtral, tmp_path):
+    _, checkpoint, _ = mixtral
+    with pytest.raises(MoeOffloadError, match="no CUDA device"):
+        moe_offload.from_pretrained(checkpoint, device="cuda", store_dir=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_convert_command_reports_errors_by_name(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_offload.cli",
+            "convert",
+            str(tmp_path / "nowhere"),
+            str(tmp_path / "store"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "nowhere" in result.stderr and not (tmp_path / "store").exists()
+
+
+def test_a_directory_that_is_neither_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="not a moe-offload expert store"):
+        moe_offload.from_pretrained(tmp_path, device="cpu")
+    with pytest.raises(StoreError, match="does not exist"):
+        moe_offload.from_pretrained(tmp_path / "nowhere", device="cpu")
+
+
+@pytest.mark.gpu
+def test_three_tiers_on_cuda_generate_what_the_plain_model_generates(mixtral):
+    model, checkpoint, store = mixtral
+    inputs = {k: v.to("cuda") for k, v in prompt("mixtral").items()}
+    model.to("cuda").set_experts_implementation("eager")
+    expected, expected_logits = generate(model, inputs)
+    experts = expert_bytes(model)
+    loaded, offloader = moe_offload.from_pretrained(
+        store, device="cuda", device_budget=experts // 4, host_budget=int(experts * 0.4)
+    )
+    tokens, logits = generate(loaded, inputs)
+    assert offloader.cache.host_pinned and offloader.stats()["backend"] == "cuda"
+    assert torch.equal(tokens, expected)
+    assert torch.equal(logits, expected_logits)
