@@ -64,12 +64,16 @@ pub type RequestId = usize;
 
 /// How long one expert copy and one MoE layer's compute take: what a
 /// prefetch can gain (the copy time it hides, up to the compute before the
-/// expert is needed) and what a wrong one costs (the copy time that a
-/// demand fetch queued behind it waits beyond the layer's compute).
+/// expert is needed) and what a wrong one costs. A copy engine of its own
+/// (a GPU's DMA) runs beside the compute, so a wrong prefetch costs only the
+/// copy time that a demand fetch queued behind it waits beyond the layer's
+/// compute; copies that compete with the compute for the processor (memcpy
+/// on the host backend) cost their whole time.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Timing {
     pub copy_s: f32,
     pub layer_s: f32,
+    pub copies_compete: bool,
 }
 
 impl Timing {
@@ -77,8 +81,12 @@ impl Timing {
     /// ahead, gains more time than it is expected to cost.
     fn worth_prefetching(&self, p: f32, d: usize) -> bool {
         let gain = p * self.copy_s.min(d as f32 * self.layer_s);
-        let loss = (1.0 - p) * (self.copy_s - self.layer_s).max(0.0);
-        gain > loss
+        let wasted = if self.copies_compete {
+            self.copy_s
+        } else {
+            (self.copy_s - self.layer_s).max(0.0)
+        };
+        gain > (1.0 - p) * wasted
     }
 }
 
@@ -449,6 +457,30 @@ mod tests {
         assert_eq!(best[0].0, 4 + 2);
         assert!(best.len() >= 3);
         assert_eq!(scores[4], 0.0, "never-used experts score nothing");
+    }
+
+    #[test]
+    fn prefetches_are_weighed_against_what_a_wrong_one_costs() {
+        // A copy as long as two layers' compute.
+        let dma = Timing {
+            copy_s: 2.0,
+            layer_s: 1.0,
+            copies_compete: false,
+        };
+        // Gain p * min(2, d); loss (1 - p) * (2 - 1).
+        assert!(dma.worth_prefetching(0.6, 1));
+        assert!(!dma.worth_prefetching(0.4, 1));
+        assert!(dma.worth_prefetching(0.4, 2));
+        // A copy that takes the computing processor costs all of its time.
+        let memcpy = Timing {
+            copies_compete: true,
+            ..dma
+        };
+        assert!(!memcpy.worth_prefetching(0.5, 2));
+        assert!(memcpy.worth_prefetching(0.6, 2));
+        // A copy shorter than a layer's compute: a wrong one costs nothing.
+        let fast = Timing { copy_s: 0.5, ..dma };
+        assert!(fast.worth_prefetching(0.01, 1));
     }
 
     #[test]

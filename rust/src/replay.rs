@@ -144,6 +144,7 @@ pub fn replay(
     planner.set_timing(Timing {
         copy_s: (config.expert_bytes as f64 / config.bandwidth_bytes_per_s) as f32,
         layer_s: config.layer_compute_s as f32,
+        copies_compete: false,
     });
     if predictive {
         for request in warmup {

@@ -9,8 +9,10 @@ use crate::planner::Timing;
 /// Weight of a new measurement in the running averages.
 const NEW: f64 = 0.1;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TimingEstimate {
+    /// Copies take the processor that computes (the host backend's memcpy).
+    copies_compete: bool,
     seconds_per_byte: Option<f64>,
     layer_seconds: Option<f64>,
     /// The last observed layer, when, and the stall total then.
@@ -25,6 +27,15 @@ fn blend(average: &mut Option<f64>, value: f64) {
 }
 
 impl TimingEstimate {
+    pub fn new(copies_compete: bool) -> Self {
+        Self {
+            copies_compete,
+            seconds_per_byte: None,
+            layer_seconds: None,
+            last_layer: None,
+        }
+    }
+
     /// A copy of `bytes` took `seconds` from issue to landing.
     pub fn record_copy(&mut self, bytes: usize, seconds: f64) {
         if bytes > 0 && seconds > 0.0 {
@@ -54,6 +65,7 @@ impl TimingEstimate {
         Some(Timing {
             copy_s: (self.seconds_per_byte? * expert_bytes as f64) as f32,
             layer_s: self.layer_seconds? as f32,
+            copies_compete: self.copies_compete,
         })
     }
 }
@@ -65,7 +77,7 @@ mod tests {
 
     #[test]
     fn layer_time_excludes_stalls_and_skips_non_consecutive_layers() {
-        let mut t = TimingEstimate::default();
+        let mut t = TimingEstimate::new(false);
         let start = Instant::now();
         t.record_copy(1000, 1e-3);
         assert_eq!(t.timing(1000), None, "no layer measured yet");

@@ -166,7 +166,7 @@ impl ExpertCache {
         let tracer = tracer_for(&layout, &config)?;
         let core = CacheCore::new(layout, pool, policy);
         let shared = Arc::new(Shared {
-            timing: Mutex::new(TimingEstimate::default()),
+            timing: Mutex::new(TimingEstimate::new(matches!(backend, CopyBackend::Host))),
             source,
             state: Mutex::new(core),
             copied: Condvar::new(),
