@@ -312,11 +312,33 @@ def _pcie_generation(device: torch.device) -> str | None:
     return result.stdout.strip() or None
 
 
+def _shown(path: Path) -> str:
+    """A trace path as reports show it: relative to the working directory
+    when inside it, else by its last two components (where a machine keeps
+    its traces says nothing about the run)."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path("...", *path.parts[-2:]))
+
+
+def _command(settings: Settings) -> str:
+    traces = {str(p) for p in settings.trace}
+    words = [_shown(Path(w)) if w in traces else w for w in sys.argv[1:]]
+    return " ".join([Path(sys.argv[0]).name, *words])
+
+
 def _commit() -> str | None:
-    result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return result.stdout.strip() or None
+    """The checkout's commit, marked "-dirty" when it has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def run(settings: Settings, log: Any = print) -> dict[str, Any]:
@@ -369,11 +391,11 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
             result.tokens == reference.tokens
         )
     return {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _command(settings),
         "commit": _commit(),
         "version": moe_offload.__version__,
         "machine": machine(device),
-        "settings": {k: (list(map(str, v)) if k == "trace" else v) for k, v in asdict(settings).items()},
+        "settings": dict(asdict(settings), trace=[_shown(p) for p in settings.trace]),
         "model": {
             "shape": settings.model,
             "moe_layers": shapes.moe_layers(config, settings.model),
