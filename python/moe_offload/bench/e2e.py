@@ -49,6 +49,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # benchmark scales it down (real expert count, top-k and routing) and runs
 # float32, which CPUs compute fastest.
 CPU_LAYERS, CPU_HIDDEN = 4, 512
+# A CPU's speed drifts while a benchmark runs (other work, clocks): systems
+# are measured in interleaved rounds there. On a GPU one round, since each
+# round patches the model anew.
+CPU_ROUNDS = 3
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Settings:
     prompt_tokens: int = 16
     new_tokens: int = 32
     seed: int = 0
+    rounds: int | None = None
     skip_accelerate: bool = False
 
 
@@ -204,23 +209,25 @@ def _fits(model: nn.Module, device: torch.device) -> bool:
     return need < 0.9 * free
 
 
-def _resident(model: nn.Module, device: torch.device, settings: Settings, work: Any) -> Run | None:
-    if not _fits(model, device):
-        return None
+def _resident(model: nn.Module, device: torch.device, settings: Settings, work: Any, run: Run) -> None:
     model.to(device)
-    run = Run()
     decoder = Decoder(model, device, work.replay)
     decoder.serve(work.warmup[:1], settings.new_tokens, None)
     decoder.serve(work.measured, settings.new_tokens, run)
     model.to("cpu")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return run
 
 
 def _offloaded(
-    model: nn.Module, device: torch.device, settings: Settings, work: Any, policy: str, fraction: float
-) -> tuple[Run, dict[str, Any]]:
+    model: nn.Module,
+    device: torch.device,
+    settings: Settings,
+    work: Any,
+    run: Run,
+    policy: str,
+    fraction: float,
+) -> dict[str, Any]:
     budget = max(1, int(fraction * work.expert_bytes))
     # The warm-up requests fill the EAMC (and the caches) before measuring.
     offloader = moe_offload.patch(model, device=device, device_budget=budget, policy=policy)
@@ -228,7 +235,6 @@ def _offloaded(
         decoder = Decoder(model, device, work.replay)
         decoder.serve(work.warmup, settings.new_tokens, None)
         offloader.reset_stats()
-        run = Run()
 
         def counters() -> tuple[int, int, int]:
             s = offloader.stats()
@@ -238,7 +244,7 @@ def _offloaded(
         stats = offloader.stats()
     finally:
         moe_offload.unpatch(model)
-    return run, {"budget_bytes": budget, "slots": stats["slots"], "backend": stats["backend"]}
+    return {"budget_bytes": budget, "slots": stats["slots"], "backend": stats["backend"]}
 
 
 def _accelerate(model: nn.Module, device: torch.device, settings: Settings, work: Any) -> tuple[Run, str]:
@@ -359,25 +365,33 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     notes: list[str] = []
     started = time.perf_counter()
 
-    log("resident ...")
-    resident = _resident(model, device, settings, work)
-    base = statistics.median(resident.latencies) if resident else None
-    if resident is None:
-        notes.append("resident: skipped, the model does not fit on the device")
-    else:
-        systems["resident"] = resident.summary(base)
-    runs = {"resident": resident} if resident else {}
-
+    # Every system in every round, so that a machine whose speed drifts
+    # affects them alike; each system's latencies are pooled over rounds.
     fractions = sorted({*settings.sweep, settings.budget_fraction})
-    plan = [("lru", "lru", settings.budget_fraction), ("reference", "reference", settings.budget_fraction)]
+    plan: list[tuple[str, str | None, float]] = [("resident", None, 1.0)]
+    plan += [("lru", "lru", settings.budget_fraction), ("reference", "reference", settings.budget_fraction)]
     plan += [(f"activation-aware {f:.0%}", "activation-aware", f) for f in fractions]
-    for name, policy, fraction in plan:
-        log(f"{name} ...")
-        result, extra = _offloaded(model, device, settings, work, policy, fraction)
-        systems[name] = dict(result.summary(base), policy=policy, budget_fraction=fraction, **extra)
-        runs[name] = result
+    if not _fits(model, device):
+        plan = plan[1:]
+        notes.append("resident: skipped, the model does not fit on the device")
+    runs = {name: Run() for name, _, _ in plan}
+    details: dict[str, dict[str, Any]] = {}
+    for round_ in range(settings.rounds):
+        for name, policy, fraction in plan:
+            log(f"round {round_ + 1}/{settings.rounds}: {name} ...")
+            if policy is None:
+                _resident(model, device, settings, work, runs[name])
+            else:
+                extra = _offloaded(model, device, settings, work, runs[name], policy, fraction)
+                details[name] = dict(extra, policy=policy, budget_fraction=fraction)
+    resident = runs.get("resident")
+    base = statistics.median(resident.latencies) if resident else None
+    for name, result in runs.items():
+        systems[name] = dict(result.summary(base), **details.get(name, {}))
 
     if not settings.skip_accelerate:
+        # Last, and in one round: it leaves the model dispatched, and it is
+        # many times slower than the others, far beyond any drift.
         log("accelerate ...")
         result, note = _accelerate(model, device, settings, work)
         systems["accelerate"] = dict(result.summary(base), note=note)
@@ -385,10 +399,11 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     else:
         notes.append("accelerate: skipped on request")
 
+    # Every round of a system serves the same requests: its tokens repeat.
     reference = runs.get("resident") or runs["lru"]
     for name, result in runs.items():
         systems[name]["same_tokens_as_resident" if resident else "same_tokens_as_lru"] = (
-            result.tokens == reference.tokens
+            result.tokens == reference.tokens[: len(result.tokens)]
         )
     return {
         "command": _command(settings),
@@ -439,6 +454,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help=f"measure every system this many times, interleaved (default {CPU_ROUNDS} on a CPU, else 1)",
+    )
     parser.add_argument("--skip-accelerate", action="store_true")
     parser.add_argument("--out", type=Path, help="write results.json, results.md and latency.png here")
 
@@ -452,8 +472,12 @@ def main(args: argparse.Namespace) -> int:
         settings.layers, settings.hidden = CPU_LAYERS, CPU_HIDDEN
     if settings.dtype is None:
         settings.dtype = "float32" if on_cpu else "bfloat16"
-    if settings.requests < 1 or settings.new_tokens < 2 or settings.prompt_tokens < 1:
-        raise MoeOffloadError("--requests, --prompt-tokens must be at least 1 and --new-tokens at least 2")
+    if settings.rounds is None:
+        settings.rounds = CPU_ROUNDS if on_cpu else 1
+    if min(settings.requests, settings.prompt_tokens, settings.rounds) < 1 or settings.new_tokens < 2:
+        raise MoeOffloadError(
+            "--requests, --prompt-tokens and --rounds must be at least 1, --new-tokens at least 2"
+        )
     report = run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     from moe_offload.bench.report import markdown
 
