@@ -336,7 +336,8 @@ def _command(settings: Settings) -> str:
 
 
 def _commit() -> str | None:
-    """The checkout's commit, marked "-dirty" when it has uncommitted changes."""
+    """The checkout's commit, marked "-dirty" when its code has uncommitted
+    changes (results written under benches/results do not count)."""
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
@@ -344,7 +345,8 @@ def _commit() -> str | None:
     commit = git("rev-parse", "--short", "HEAD")
     if not commit:
         return None
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benches/results")
+    return commit + ("-dirty" if changed else "")
 
 
 def run(settings: Settings, log: Any = print) -> dict[str, Any]:

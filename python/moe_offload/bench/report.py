@@ -60,6 +60,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, (cdf, budget) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, figures in report["systems"].items():
@@ -68,6 +69,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         cdf.step(latencies, share, where="post", label=name)
     cdf.set(xlabel="per-token decode latency (ms)", ylabel="share of tokens", title="latency CDF")
     cdf.set_xscale("log")
+    cdf.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    cdf.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    cdf.xaxis.set_minor_formatter(ticker.NullFormatter())
     cdf.legend(fontsize=8)
     points = sorted(
         (f["budget_fraction"], f["median_ms"])
