@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import ENCODER_DECODER, FAMILIES, build, expert_bytes, prompt
+from tiny_models import ENCODER_DECODER, FAMILIES, build, expert_bytes, greedy, prompt
 
 import moe_offload
 
@@ -14,16 +14,7 @@ NEW_TOKENS = 16
 
 
 def generate(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.logits)
+    return greedy(model, inputs, NEW_TOKENS)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

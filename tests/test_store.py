@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build, expert_bytes, prompt
+from tiny_models import build, expert_bytes, greedy, prompt
 
 import moe_offload
 from moe_offload import BudgetError, MoeOffloadError, StoreError
@@ -25,16 +25,7 @@ FAMILIES = ["mixtral", "deepseek_v2"]
 
 
 def generate(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    return out.sequences, torch.stack(out.logits)
+    return greedy(model, inputs, NEW_TOKENS)
 
 
 def save(model, path: Path) -> Path:

@@ -182,6 +182,21 @@ def expert_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def greedy(model: torch.nn.Module, inputs: dict, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy generation of exactly `new_tokens` tokens: the sequences and
+    the logits of every step."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.logits)
+
+
 def prompt(family: str, seed: int = 0, length: int = 8) -> dict[str, torch.Tensor]:
     """Generation inputs: a random prompt (decoder-only) or source (encoder-decoder)."""
     g = torch.Generator().manual_seed(seed)

@@ -80,6 +80,24 @@ impl ExpertLayout {
         self.bytes[self.locate(id).0 as usize]
     }
 
+    /// Checks that `offset..offset + len` lies inside expert `id`'s blob.
+    pub fn check_range(&self, id: ExpertId, offset: usize, len: usize) -> Result<()> {
+        let size = self.bytes(id);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            end => {
+                let (layer, expert) = self.locate(id);
+                Err(CoreError::OutOfBounds {
+                    layer,
+                    expert,
+                    offset,
+                    end: end.unwrap_or(usize::MAX),
+                    size,
+                })
+            }
+        }
+    }
+
     pub fn max_expert_bytes(&self) -> usize {
         self.bytes.iter().copied().max().unwrap_or(0)
     }
@@ -128,5 +146,13 @@ mod tests {
         ));
         assert!(ExpertLayout::new(&[]).is_err());
         assert!(ExpertLayout::new(&[(0, 10)]).is_err());
+    }
+
+    #[test]
+    fn ranges_outside_a_blob_are_rejected() {
+        let layout = ExpertLayout::new(&[(2, 100)]).unwrap();
+        assert!(layout.check_range(1, 0, 100).is_ok());
+        assert!(layout.check_range(1, 50, 51).is_err());
+        assert!(layout.check_range(0, usize::MAX, 2).is_err());
     }
 }

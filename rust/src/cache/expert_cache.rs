@@ -274,7 +274,7 @@ impl ExpertCache {
                 "this cache reads its experts from an expert store; they cannot be written".into(),
             ));
         };
-        host.check_range(id, offset, src.len())?;
+        self.layout().check_range(id, offset, src.len())?;
         // Holding the lock keeps any fetch of this expert out until done.
         let state = self.shared.lock();
         if state.pool().lookup(id).is_some() {
@@ -300,7 +300,7 @@ impl ExpertCache {
         dst: &mut [u8],
     ) -> Result<()> {
         let id = self.layout().id(layer, expert)?;
-        check_range(self.layout(), id, offset, dst.len())?;
+        self.layout().check_range(id, offset, dst.len())?;
         match &self.shared.source {
             ExpertSource::Resident(host) => {
                 // Writers hold the lock; readers may share the bytes with copy workers.
@@ -589,24 +589,6 @@ impl Shared {
         }
         drop(staging);
         self.staged.notify_all();
-    }
-}
-
-/// Checks that `offset..offset + len` lies inside expert `id`'s blob.
-fn check_range(layout: &ExpertLayout, id: ExpertId, offset: usize, len: usize) -> Result<()> {
-    let size = layout.bytes(id);
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(()),
-        end => {
-            let (layer, expert) = layout.locate(id);
-            Err(CoreError::OutOfBounds {
-                layer,
-                expert,
-                offset,
-                end: end.unwrap_or(usize::MAX),
-                size,
-            })
-        }
     }
 }
 

@@ -122,24 +122,6 @@ impl HostTier {
         // SAFETY: offsets[id] lies inside the allocation by construction.
         unsafe { self.memory.base().add(self.offsets[id as usize]) }
     }
-
-    /// Checks that `offset..offset + len` lies inside expert `id`'s blob.
-    pub fn check_range(&self, id: ExpertId, offset: usize, len: usize) -> Result<()> {
-        let size = self.layout.bytes(id);
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(()),
-            end => {
-                let (layer, expert) = self.layout.locate(id);
-                Err(CoreError::OutOfBounds {
-                    layer,
-                    expert,
-                    offset,
-                    end: end.unwrap_or(usize::MAX),
-                    size,
-                })
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -159,14 +141,5 @@ mod tests {
             assert!(start >= previous_end);
             previous_end = start + tier.layout().bytes(id);
         }
-    }
-
-    #[test]
-    fn ranges_outside_a_blob_are_rejected() {
-        let layout = ExpertLayout::new(&[(2, 100)]).unwrap();
-        let tier = HostTier::new(layout, None).unwrap();
-        assert!(tier.check_range(1, 0, 100).is_ok());
-        assert!(tier.check_range(1, 50, 51).is_err());
-        assert!(tier.check_range(0, usize::MAX, 2).is_err());
     }
 }
