@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use crate::context::report_drop_failure;
 use crate::sys::{
-    cu, handle_to_u64, u64_to_handle, CUevent, CUDA_ERROR_NOT_READY, CU_EVENT_DISABLE_TIMING,
+    cu, handle_to_u64, u64_to_handle, CUevent, CUDA_ERROR_NOT_READY, CU_EVENT_BLOCKING_SYNC,
+    CU_EVENT_DISABLE_TIMING,
 };
 use crate::{Context, Result};
 
@@ -28,12 +29,22 @@ unsafe impl Sync for Event {}
 
 impl Event {
     pub fn new(context: &Arc<Context>) -> Result<Event> {
+        Self::with_flags(context, CU_EVENT_DISABLE_TIMING)
+    }
+
+    /// An event whose `synchronize` sleeps instead of spinning: for a thread
+    /// that waits for copies while other threads need the CPU.
+    pub fn blocking(context: &Arc<Context>) -> Result<Event> {
+        Self::with_flags(context, CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)
+    }
+
+    fn with_flags(context: &Arc<Context>, flags: std::ffi::c_uint) -> Result<Event> {
         let driver = context.driver();
         let _current = context.make_current()?;
         let mut raw: CUevent = ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer and `context` is current, so
         // the event is created in it.
-        unsafe { cu!(driver, cuEventCreate(&mut raw, CU_EVENT_DISABLE_TIMING))? };
+        unsafe { cu!(driver, cuEventCreate(&mut raw, flags))? };
         Ok(Event {
             context: Arc::clone(context),
             raw,
@@ -42,8 +53,11 @@ impl Event {
 
     /// Captures all work queued on `stream` so far; later waits and queries
     /// refer to this capture. `stream` must be a live stream of the event's
-    /// context (0 is the legacy default stream).
+    /// context; 0 is that context's legacy default stream (the event's
+    /// context is made current for the call, whatever the calling thread
+    /// had current).
     pub fn record(&self, stream: u64) -> Result<()> {
+        let _current = self.context.make_current()?;
         // SAFETY: `raw` is our live event; `stream` is a stream handle per
         // this method's contract.
         unsafe {

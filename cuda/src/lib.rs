@@ -44,7 +44,7 @@ mod stream;
 pub use context::{device_count, Context};
 pub use event::Event;
 pub use memory::{copy_device_to_host, copy_host_to_device_async, DeviceBuffer, PinnedHostBuffer};
-pub use stream::{stream_wait_event, Stream};
+pub use stream::{stream_wait_event, synchronize_stream, Stream};
 pub use sys::Driver;
 
 /// Everything that can go wrong talking to the driver. `Clone` because the

@@ -56,6 +56,14 @@ impl Stream {
     }
 }
 
+/// Blocks until all work queued on `stream` (a live stream of `context`; 0
+/// is its legacy default stream) has finished.
+pub fn synchronize_stream(context: &Context, stream: u64) -> Result<()> {
+    let _current = context.make_current()?;
+    // SAFETY: `stream` is a stream handle per this function's contract.
+    unsafe { cu!(context.driver(), cuStreamSynchronize(u64_to_handle(stream))) }
+}
+
 impl Drop for Stream {
     fn drop(&mut self) {
         let driver = self.context.driver();
@@ -73,10 +81,13 @@ impl Drop for Stream {
 ///
 /// `stream` may be any live stream of the event's context, typically torch's
 /// current stream (`torch.cuda.current_stream().cuda_stream`); 0 is the
-/// legacy default stream. A handle that is not a live stream is a caller
-/// bug the driver may or may not detect.
+/// legacy default stream of the event's context, which is made current for
+/// the call (the calling thread may have another device's current). A
+/// handle that is not a live stream is a caller bug the driver may or may
+/// not detect.
 pub fn stream_wait_event(stream: u64, event: &Event) -> Result<()> {
     let driver = driver()?;
+    let _current = event.context().make_current()?;
     // SAFETY: `event` is a live event we own; `stream` is a stream handle
     // per this function's contract; flags 0 is the only plain-wait value.
     unsafe {

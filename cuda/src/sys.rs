@@ -35,6 +35,7 @@ pub const CUDA_ERROR_NOT_READY: CUresult = 600;
 pub const CU_STREAM_NON_BLOCKING: c_uint = 1;
 /// Timing costs a timestamp per record; the copy events are only waited on.
 pub const CU_EVENT_DISABLE_TIMING: c_uint = 2;
+pub const CU_EVENT_BLOCKING_SYNC: c_uint = 1;
 /// Pinned memory that every context treats as pinned, not only the one
 /// current at allocation.
 pub const CU_MEMHOSTALLOC_PORTABLE: c_uint = 1;

@@ -215,7 +215,7 @@ def _patch(
         )
     target = _resolve_device(model, blocks, device)
     slot_bytes = -(-max(b.expert_bytes for b in blocks) // SLOT_ALIGN) * SLOT_ALIGN
-    budget = _budget(device_budget, blocks, slot_bytes, target)
+    budget = _budget(device_budget, blocks, slot_bytes, target, _bytes_to_move(model, blocks, target))
     n_slots = min(budget // slot_bytes, sum(b.num_experts for b in blocks))
     pool = SlotPool(target, slot_bytes, n_slots)
     cache = ExpertCache(
@@ -251,7 +251,7 @@ def _patch(
                 bar.update(block.num_experts * block.expert_bytes if backing is None else 0)
         _move_non_experts(model, target)
         if n_slots == sum(b.num_experts for b in blocks):
-            _load_every_expert(cache, blocks)
+            _load_every_expert(cache, blocks, target)
     except BaseException:
         # A model read from a store had no expert data before: give it none
         # back rather than read a possibly damaged store.
@@ -354,17 +354,31 @@ def _core_device(device: torch.device) -> str:
     return "cpu" if device.type == "cpu" else f"cuda:{device.index}"
 
 
+def _bytes_to_move(model: nn.Module, blocks: list[ExpertBlock], device: torch.device) -> int:
+    """Bytes of the weights other than routed experts that are not on
+    `device` yet (data-less ones included: they will be loaded there)."""
+    experts = {id(p) for b in blocks for p in b.parameters()}
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in experts}
+    return sum(t.numel() * t.element_size() for t in tensors.values() if t.device != device)
+
+
 def _budget(
-    device_budget: int | str | None, blocks: list[ExpertBlock], slot_bytes: int, device: torch.device
+    device_budget: int | str | None,
+    blocks: list[ExpertBlock],
+    slot_bytes: int,
+    device: torch.device,
+    still_to_move: int,
 ) -> int:
-    """The device budget in bytes, checked against one token's needs."""
+    """The device budget in bytes, checked against one token's needs. The
+    default on CUDA leaves room for the other weights still to be moved
+    there, and a tenth of what remains for activations and caches."""
     top_k = max(b.top_k for b in blocks)
     minimum = top_k * slot_bytes
     everything = sum(b.num_experts for b in blocks) * slot_bytes
     if device_budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            return max(minimum, min(everything, int(free * 0.9)))
+            return max(minimum, min(everything, int((free - still_to_move) * 0.9)))
         return everything
     budget = parse_size(device_budget, "device_budget")
     if budget < minimum:
@@ -377,15 +391,16 @@ def _budget(
     return budget
 
 
-def _load_every_expert(cache: ExpertCache, blocks: list[ExpertBlock]) -> None:
+def _load_every_expert(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
     """A budget that holds every expert: copy them all now, so that no
     forward pass waits for one."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     for layer, block in enumerate(blocks):
         experts = list(range(block.num_experts))
         cache.fetch(layer, experts)
         for expert in experts:
-            cache.wait(layer, expert)
-        cache.release(layer, experts)
+            cache.wait(layer, expert, stream)
+        cache.release(layer, experts, stream)
     cache.reset_stats()
 
 

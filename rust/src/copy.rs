@@ -6,13 +6,17 @@
 //! stream and records the slot's *ready* event; a reader's stream waits on
 //! that event. Before overwriting a slot, the worker's stream waits on the
 //! slot's *free* event, recorded on the reader's stream when it released
-//! the slot, so a copy never clobbers bytes a kernel still reads.
+//! the slot, so a copy never clobbers bytes a kernel still reads, and on
+//! its *ready* event, so it lands after the slot's previous copy even when
+//! another worker's stream issued that one.
 
 use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moe_offload_cuda::{copy_host_to_device_async, stream_wait_event, Context, Event, Stream};
+use moe_offload_cuda::{
+    copy_host_to_device_async, stream_wait_event, synchronize_stream, Context, Event, Stream,
+};
 
 use crate::error::Result;
 use crate::tiers::device::SlotId;
@@ -55,13 +59,26 @@ impl CudaCopies {
     pub fn reader_done(&self, slot: SlotId, stream: u64) -> Result<()> {
         Ok(self.free[slot as usize].record(stream)?)
     }
+
+    /// Blocks until `stream` has done all its work: when the free event of
+    /// a slot read on it could not be recorded, the slot may be overwritten
+    /// only after this.
+    pub fn reader_finished(&self, stream: u64) -> Result<()> {
+        Ok(synchronize_stream(&self.context, stream)?)
+    }
 }
 
-/// One worker's means to copy: nothing for the host, a stream for CUDA
-/// (and whether every copy issued on it has landed).
+/// One worker's means to copy: nothing for the host; for CUDA a stream,
+/// an event to wait for its copies on (sleeping, not spinning: several
+/// workers may wait at once), and whether every copy issued on it has
+/// landed.
 pub enum WorkerCopier {
     Host,
-    Cuda { stream: Stream, idle: Cell<bool> },
+    Cuda {
+        stream: Stream,
+        landed: Event,
+        idle: Cell<bool>,
+    },
 }
 
 impl WorkerCopier {
@@ -73,6 +90,7 @@ impl WorkerCopier {
                 cuda.context.bind_to_current_thread()?;
                 Ok(Self::Cuda {
                     stream: Stream::new(&cuda.context)?,
+                    landed: Event::blocking(&cuda.context)?,
                     idle: Cell::new(true),
                 })
             }
@@ -110,13 +128,22 @@ impl WorkerCopier {
                 unsafe { std::ptr::copy_nonoverlapping(src, dst as *mut u8, bytes) };
                 Ok(Some(started.elapsed()))
             }
-            (Self::Cuda { stream, idle }, CopyBackend::Cuda(cuda)) => {
+            (
+                Self::Cuda {
+                    stream,
+                    landed,
+                    idle,
+                },
+                CopyBackend::Cuda(cuda),
+            ) => {
                 // Measurable only from an idle stream and without waiting
                 // for a reader first.
                 let measurable = idle.replace(false) && !wait_for_reader;
-                if wait_for_reader {
-                    stream_wait_event(stream.raw(), &cuda.free[slot as usize])?;
-                }
+                // After the slot's last reader and its previous copy, on
+                // whichever streams they ran (an event never recorded, or
+                // whose work is done, costs nothing to wait on).
+                stream_wait_event(stream.raw(), &cuda.free[slot as usize])?;
+                stream_wait_event(stream.raw(), &cuda.ready[slot as usize])?;
                 // SAFETY: the caller guarantees `src` is pinned host memory
                 // valid until the ready event completes and `dst` is device
                 // memory of at least `bytes`.
@@ -126,13 +153,24 @@ impl WorkerCopier {
                 if !until_landed {
                     return Ok(None);
                 }
-                ready.synchronize()?;
+                landed.record(stream.raw())?;
+                landed.synchronize()?;
                 idle.set(true);
                 Ok(measurable.then(|| started.elapsed()))
             }
             (Self::Cuda { .. }, CopyBackend::Host) => {
                 unreachable!("a CUDA worker always has a CUDA backend")
             }
+        }
+    }
+}
+
+impl Drop for WorkerCopier {
+    fn drop(&mut self) {
+        // A worker stops once the queue is closed: its last copies must land
+        // before the host memory they read and the slots they write go away.
+        if let Self::Cuda { stream, .. } = self {
+            let _ = stream.synchronize();
         }
     }
 }

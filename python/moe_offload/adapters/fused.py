@@ -121,17 +121,25 @@ def offloaded_experts_forward(
     num_experts = self.down_proj.shape[0]
     final_hidden_states = torch.zeros_like(hidden_states)
     with torch.no_grad():
-        expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
         # One device-to-host copy per layer: this step's routing. It feeds the
         # request tracing and planner, and names the experts to fetch (in the
         # ascending order the eager implementation uses).
         routing = top_k_index.to("cpu", torch.int64).numpy()
+        # The (k, token) positions that chose each expert, k-major as the
+        # eager implementation's `torch.where` yields them: sorted on the
+        # device once per layer and sliced by counts known on the host, so no
+        # expert waits for a device-to-host sync.
+        tokens = routing.shape[0]
+        counts = np.bincount(routing.T.reshape(-1), minlength=num_experts + 1)
+        starts = np.concatenate(([0], np.cumsum(counts))).tolist()
+        order = torch.argsort(top_k_index.T.reshape(-1), stable=True)
     runtime.observe(routing)
-    hit = [e for e in np.unique(routing).tolist() if e < num_experts]
+    hit = np.flatnonzero(counts[:num_experts]).tolist()
     transposed = self.is_transposed
     with closing(runtime.experts(hit)) as ready:
         for expert, w in ready:
-            top_k_pos, token_idx = torch.where(expert_mask[expert])
+            positions = order[starts[expert] : starts[expert + 1]]
+            top_k_pos, token_idx = positions // tokens, positions % tokens
             current_state = hidden_states[token_idx]
             if self.has_gate:
                 gate_up = _project(current_state, w["gate_up_proj"], w.get("gate_up_proj_bias"), transposed)

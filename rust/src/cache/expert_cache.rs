@@ -457,14 +457,35 @@ impl ExpertCache {
     pub fn release(&self, layer: u32, experts: &[u32], stream: u64) -> Result<()> {
         let ids = self.ids(layer, experts)?;
         let mut state = self.shared.lock();
+        let mut first_error = None;
         for &id in &ids {
             let slot = state.pinned_slot(id)?;
-            if let CopyBackend::Cuda(cuda) = &self.shared.backend {
-                cuda.reader_done(slot, stream)?;
+            if let Err(e) = self.reader_done(slot, stream) {
+                // The slot stays pinned only if its reader cannot be waited
+                // for at all; otherwise every expert is released and the
+                // first error reported.
+                first_error.get_or_insert(e);
+                if self.reader_finished(stream).is_err() {
+                    continue;
+                }
             }
             state.release(id, self.is_cuda())?;
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn reader_done(&self, slot: u32, stream: u64) -> Result<()> {
+        match &self.shared.backend {
+            CopyBackend::Cuda(cuda) => cuda.reader_done(slot, stream),
+            CopyBackend::Host => Ok(()),
+        }
+    }
+
+    fn reader_finished(&self, stream: u64) -> Result<()> {
+        match &self.shared.backend {
+            CopyBackend::Cuda(cuda) => cuda.reader_finished(stream),
+            CopyBackend::Host => Ok(()),
+        }
     }
 
     /// The slot currently holding (layer, expert), if any.
@@ -667,6 +688,11 @@ impl Drop for ExpertCache {
     fn drop(&mut self) {
         // The planner thread holds the shared state: stop it first.
         self.planning.take();
+        // Nobody will read what is merely predicted: let the workers finish
+        // what was asked for and stop.
+        self.shared
+            .queue
+            .remove_if(|r| matches!(r.urgency, Urgency::Prefetch(_)));
         self.shared.queue.close();
         for worker in self.workers.drain(..) {
             let _ = worker.join();

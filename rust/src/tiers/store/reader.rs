@@ -80,8 +80,10 @@ impl StoreFile {
         if let Some(direct) = &self.direct {
             if aligned && self.direct_works.load(Ordering::Relaxed) {
                 match direct.read_exact_at(buf, offset) {
-                    // Some filesystems open O_DIRECT files but refuse the reads.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // Some filesystems open O_DIRECT files but refuse the
+                    // reads (EINVAL); some drivers' pinned memory cannot be
+                    // a direct-I/O target (EFAULT). Plain reads work for both.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EFAULT)) => {
                         self.direct_works.store(false, Ordering::Relaxed);
                     }
                     outcome => return outcome,
