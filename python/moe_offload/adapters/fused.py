@@ -126,20 +126,26 @@ def offloaded_experts_forward(
         # ascending order the eager implementation uses).
         routing = top_k_index.to("cpu", torch.int64).numpy()
         # The (k, token) positions that chose each expert, k-major as the
-        # eager implementation's `torch.where` yields them: sorted on the
-        # device once per layer and sliced by counts known on the host, so no
+        # eager implementation's `torch.where` yields them: sorted once per
+        # layer (on the device, or from the host routing when the device is
+        # the CPU) and sliced per expert by counts known on the host, so no
         # expert waits for a device-to-host sync.
         tokens = routing.shape[0]
-        counts = np.bincount(routing.T.reshape(-1), minlength=num_experts + 1)
+        flat = routing.T.reshape(-1)
+        counts = np.bincount(flat, minlength=num_experts + 1)
         starts = np.concatenate(([0], np.cumsum(counts))).tolist()
-        order = torch.argsort(top_k_index.T.reshape(-1), stable=True)
+        if hidden_states.device.type == "cpu":
+            order = torch.from_numpy(np.argsort(flat, kind="stable"))
+        else:
+            order = torch.argsort(top_k_index.T.reshape(-1), stable=True)
+        all_top_k_pos, all_token_idx = order // tokens, order % tokens
     runtime.observe(routing)
     hit = np.flatnonzero(counts[:num_experts]).tolist()
     transposed = self.is_transposed
     with closing(runtime.experts(hit)) as ready:
         for expert, w in ready:
-            positions = order[starts[expert] : starts[expert + 1]]
-            top_k_pos, token_idx = positions // tokens, positions % tokens
+            top_k_pos = all_top_k_pos[starts[expert] : starts[expert + 1]]
+            token_idx = all_token_idx[starts[expert] : starts[expert + 1]]
             current_state = hidden_states[token_idx]
             if self.has_gate:
                 gate_up = _project(current_state, w["gate_up_proj"], w.get("gate_up_proj_bias"), transposed)
