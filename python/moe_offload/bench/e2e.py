@@ -368,7 +368,8 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     started = time.perf_counter()
 
     # Every system in every round, so that a machine whose speed drifts
-    # affects them alike; each system's latencies are pooled over rounds.
+    # affects them alike (every other round in reverse order, so a steady
+    # drift evens out); each system's latencies are pooled over rounds.
     fractions = sorted({*settings.sweep, settings.budget_fraction})
     plan: list[tuple[str, str | None, float]] = [("resident", None, 1.0)]
     plan += [("lru", "lru", settings.budget_fraction), ("reference", "reference", settings.budget_fraction)]
@@ -379,7 +380,7 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     runs = {name: Run() for name, _, _ in plan}
     details: dict[str, dict[str, Any]] = {}
     for round_ in range(settings.rounds):
-        for name, policy, fraction in plan:
+        for name, policy, fraction in plan if round_ % 2 == 0 else reversed(plan):
             log(f"round {round_ + 1}/{settings.rounds}: {name} ...")
             if policy is None:
                 _resident(model, device, settings, work, runs[name])

@@ -179,10 +179,14 @@ impl ExpertCache {
             .map(|i| spawn_worker(Arc::clone(&shared), i))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| CoreError::InvalidConfig(format!("cannot start copy worker: {e}")))?;
+        // With a slot for every expert there is nothing to evict or
+        // prefetch: requests are traced (the EAMC learns) but not planned.
+        let every_expert_fits = config.n_slots >= shared.lock().layout().num_experts();
         let planning = match tracer {
             Some(tracer) => Some(PlanningThread::spawn(
                 tracer,
-                apply_plans(Arc::clone(&shared), config.planner.prefetch_depth),
+                (!every_expert_fits)
+                    .then(|| apply_plans(Arc::clone(&shared), config.planner.prefetch_depth)),
             )?),
             None => None,
         };

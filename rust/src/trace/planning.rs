@@ -44,7 +44,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl PlanningThread {
-    pub fn spawn(tracer: LiveTracer, apply: ApplyPlan) -> Result<Self> {
+    /// Traces every routing; with `apply`, also plans after each batch of
+    /// them and hands the plan over (without, it only traces: nothing to
+    /// plan when every expert has a device slot).
+    pub fn spawn(tracer: LiveTracer, apply: Option<ApplyPlan>) -> Result<Self> {
         let (sender, events) = channel();
         let tracer = Arc::new(Mutex::new(tracer));
         let failure = Arc::new(Mutex::new(None));
@@ -127,7 +130,7 @@ fn serve(
     events: &Receiver<Event>,
     tracer: &Mutex<LiveTracer>,
     failure: &Mutex<Option<String>>,
-    mut apply: ApplyPlan,
+    mut apply: Option<ApplyPlan>,
 ) {
     while let Ok(first) = events.recv() {
         let mut tracer = lock(tracer);
@@ -164,7 +167,7 @@ fn serve(
                 lock(failure).get_or_insert(e.to_string());
             }
         }
-        if let Some(layer) = newest {
+        if let (Some(layer), Some(apply)) = (newest, apply.as_mut()) {
             let (scores, prefetch) = tracer.plan(layer);
             apply(scores, &prefetch);
         }
@@ -187,10 +190,10 @@ mod tests {
         let counted = Arc::clone(&plans);
         let thread = PlanningThread::spawn(
             LiveTracer::new(planner),
-            Box::new(move |scores, _| {
+            Some(Box::new(move |scores, _| {
                 assert_eq!(scores.len(), 8);
                 *lock(&counted) += 1;
-            }),
+            })),
         )
         .unwrap();
         for request in 0..3u32 {
@@ -219,7 +222,7 @@ mod tests {
     #[test]
     fn a_failure_is_reported_by_the_next_call() {
         let planner = Planner::new(1, 4, PlannerConfig::default()).unwrap();
-        let thread = PlanningThread::spawn(LiveTracer::new(planner), Box::new(|_, _| {})).unwrap();
+        let thread = PlanningThread::spawn(LiveTracer::new(planner), None).unwrap();
         // Three ids do not split into rows of two.
         thread.observe(0, vec![0, 1, 2], 2, None).unwrap();
         let error = thread.settled().err().expect("the bad routing is reported");
