@@ -32,15 +32,11 @@ from pathlib import Path
 
 import torch
 
+import moe_offload
+from moe_offload import _core
+from moe_offload.demo import build_model
+
 BENCHES = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCHES))
-
-from decode import decode_seconds, summary  # noqa: E402
-
-import moe_offload  # noqa: E402
-from moe_offload import _core  # noqa: E402
-from moe_offload.demo import build_model  # noqa: E402
-
 SHARD = "1GB"
 
 
@@ -325,11 +321,31 @@ def expert_bytes_of(model: torch.nn.Module) -> int:
     return sum(b.num_experts * b.expert_bytes for b in moe_offload.adapters.find_expert_blocks(model))
 
 
+def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, tokens: int) -> list[float]:
+    """Per-token decode latencies through the KV cache (prefill excluded)."""
+    latencies = []
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        for _ in range(tokens):
+            token = out.logits[:, -1:].argmax(-1)
+            started = time.perf_counter()
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": statistics.median(latencies) * 1e3,
+        "tokens_per_s": len(latencies) / sum(latencies),
+    }
+
+
 def decode(model: torch.nn.Module, offloader: moe_offload.Offloader, args: argparse.Namespace) -> dict:
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-    decode_seconds(model, prompt, 4, "cpu")  # warm the caches and the allocator
+    decode_seconds(model, prompt, 4)  # warm the caches and the allocator
     offloader.reset_stats()
-    latencies = decode_seconds(model, prompt, args.tokens, "cpu")
+    latencies = decode_seconds(model, prompt, args.tokens)
     with torch.no_grad():
         tokens = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     stats = offloader.stats()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,3 +91,14 @@ def test_the_bench_command_writes_a_complete_report(tmp_path):
     assert all(f"| {name} |" in table for name in systems)
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| activation-aware 25% |" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["e2e.py", "store.py"])
+def test_the_benchmark_scripts_start(script):
+    """The benchmark scripts run outside the default suite; this catches a
+    broken import or argument parser in them before someone needs them."""
+    bench = Path(__file__).resolve().parent.parent / "benches" / script
+    command = [sys.executable, str(bench), "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:")
