@@ -277,9 +277,14 @@ def read_store(args: argparse.Namespace, host_slots: int | None = None) -> dict:
 
 def load_store(args: argparse.Namespace, in_place: bool = False) -> dict:
     checkpoint, store = paths(args)
+    device_budget = int(expert_bytes_of_store(store) * args.device_fraction)
     started = time.perf_counter()
     model, offloader = moe_offload.from_pretrained(
-        checkpoint if in_place else store, device="cpu", host_budget="1TiB", io_workers=args.io_workers
+        checkpoint if in_place else store,
+        device="cpu",
+        device_budget=device_budget,
+        host_budget="1TiB",
+        io_workers=args.io_workers,
     )
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "host_slots": offloader.stats()["host_slots"], "peak_rss": peak_rss()}

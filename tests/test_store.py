@@ -121,6 +121,28 @@ def test_a_host_budget_that_holds_every_expert_reads_them_all_up_front(saved):
     assert offloader.cache.host_stats()["host_misses"] == 0
 
 
+def test_on_the_cpu_the_device_budget_defaults_to_a_quarter_of_the_host_budget(saved):
+    _, model, _, store = saved
+    host_budget = expert_bytes(model) // 2
+    _, offloader = moe_offload.from_pretrained(store, device="cpu", host_budget=host_budget)
+    top_k = max(b.top_k for b in offloader.blocks)
+    assert offloader.stats()["budget_bytes"] == max(host_budget // 4, top_k * offloader.slot_bytes)
+
+
+def test_a_device_budget_that_holds_every_expert_loads_them_all_before_generating(saved):
+    family, model, _, store = saved
+    inputs = prompt(family)
+    plain_tokens, _ = generate(model, inputs)
+    experts = expert_bytes(model)
+    loaded, offloader = moe_offload.from_pretrained(
+        store, device="cpu", host_budget=experts // 2, device_budget=4 * experts
+    )
+    tokens, _ = generate(loaded, inputs)
+    stats = offloader.stats()
+    assert torch.equal(tokens, plain_tokens)
+    assert stats["misses"] == 0 and stats["hits"] > 0, "every expert was in a device slot"
+
+
 def test_a_host_budget_below_one_tokens_experts_states_the_minimum(saved):
     _, _, _, store = saved
     with pytest.raises(BudgetError, match=r"at least \d+ bytes") as info:
@@ -206,10 +228,10 @@ def test_a_corrupt_blob_is_named_at_its_first_read_and_the_store_is_left_alone(m
     ):
         generate(loaded, prompt("mixtral"))
     assert digest(store) == before, "reading never writes"
-    # A device budget that holds every expert loads them all at patch time:
-    # found before generation, and the failed patch reads nothing back.
+    # A device budget that holds every expert loads them all before returning:
+    # found before generation, and the failed load reads nothing back.
     with pytest.raises(StoreError, match=r"layer-000\.bin.*checksum mismatch in expert \d"):
-        moe_offload.from_pretrained(store, device="cpu", host_budget=experts // 2)
+        moe_offload.from_pretrained(store, device="cpu", host_budget=experts // 2, device_budget=4 * experts)
     assert digest(store) == before, "reading never writes"
 
 

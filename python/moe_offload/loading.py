@@ -27,7 +27,15 @@ from moe_offload._core import BudgetError, ExpertStore, MoeOffloadError, StoreEr
 from moe_offload.adapters import ExpertBlock
 from moe_offload.checkpoint import Checkpoint, WeightMap, read_safetensors_header, read_tensor
 from moe_offload.conversion import NON_EXPERTS, STORE_INDEX, convert
-from moe_offload.offloader import POLICIES, SLOT_ALIGN, Offloader, StoreBacking, _patch
+from moe_offload.offloader import (
+    POLICIES,
+    SLOT_ALIGN,
+    Offloader,
+    StoreBacking,
+    _patch,
+    abandon_patch,
+    load_every_expert,
+)
 from moe_offload.progress import progress
 from moe_offload.sizes import format_size, parse_size
 from moe_offload.skeleton import (
@@ -63,7 +71,8 @@ def from_pretrained(
     expert store written by `convert`) with its experts offloaded.
 
     - `device`: where the model runs (default: CUDA when available, else CPU).
-    - `device_budget`: bytes of device slots, as for `patch`.
+    - `device_budget`: bytes of device slots, as for `patch`; on the CPU (where
+      the slots are host memory too) it defaults to a quarter of `host_budget`.
     - `host_budget`: bytes of the host cache between disk and device (default:
       every expert, capped at half of the available memory). Experts are read
       from disk when the host cache lacks them; when it holds every expert
@@ -119,8 +128,14 @@ def from_pretrained(
         backing=StoreBacking(store, host_slots, budget),
     )
     preload = host_slots >= sum(b.num_experts for b in blocks)
-    with _preloading(offloader, blocks, show_progress, preload):
-        _load_non_experts(model, tensors, target, blocks, source_name)
+    try:
+        with _preloading(offloader, blocks, show_progress, preload):
+            _load_non_experts(model, tensors, target, blocks, source_name)
+        if offloader.pool.n_slots == sum(b.num_experts for b in blocks):
+            load_every_expert(offloader.cache, blocks, target)
+    except BaseException:
+        abandon_patch(model)  # nothing is read back from a store that just failed
+        raise
     log.info(
         "moe-offload: %s from %s; host cache %d slots (%s), direct I/O: %s",
         offloader,

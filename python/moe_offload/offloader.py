@@ -215,7 +215,14 @@ def _patch(
         )
     target = _resolve_device(model, blocks, device)
     slot_bytes = -(-max(b.expert_bytes for b in blocks) // SLOT_ALIGN) * SLOT_ALIGN
-    budget = _budget(device_budget, blocks, slot_bytes, target, _bytes_to_move(model, blocks, target))
+    budget = _budget(
+        device_budget,
+        blocks,
+        slot_bytes,
+        target,
+        _bytes_to_move(model, blocks, target),
+        None if backing is None else backing.host_budget,
+    )
     n_slots = min(budget // slot_bytes, sum(b.num_experts for b in blocks))
     pool = SlotPool(target, slot_bytes, n_slots)
     cache = ExpertCache(
@@ -250,8 +257,10 @@ def _patch(
                 offloaded.append(block)
                 bar.update(block.num_experts * block.expert_bytes if backing is None else 0)
         _move_non_experts(model, target)
-        if n_slots == sum(b.num_experts for b in blocks):
-            _load_every_expert(cache, blocks, target)
+        # From a store, the caller loads them once its preloading has read
+        # the experts in parallel.
+        if backing is None and n_slots == sum(b.num_experts for b in blocks):
+            load_every_expert(cache, blocks, target)
     except BaseException:
         # A model read from a store had no expert data before: give it none
         # back rather than read a possibly damaged store.
@@ -282,11 +291,22 @@ def unpatch(model: nn.Module) -> None:
     offloader: Offloader | None = getattr(model, _ATTR, None)
     if offloader is None:
         raise PatchStateError("this model is not patched by moe-offload; there is nothing to unpatch")
-    for hook in offloader._hooks:
-        hook.remove()
     if offloader.eamc_path is not None:
         offloader.save_eamc()
-    _restore(offloader.cache, offloader.blocks, offloader.device)
+    _undo_patch(model, offloader, with_values=True)
+
+
+def abandon_patch(model: nn.Module) -> None:
+    """Undoes a patch whose loading failed, reading nothing back: the experts
+    become meta tensors again, as the model was built."""
+    offloader: Offloader = getattr(model, _ATTR)
+    _undo_patch(model, offloader, with_values=False)
+
+
+def _undo_patch(model: nn.Module, offloader: Offloader, with_values: bool) -> None:
+    for hook in offloader._hooks:
+        hook.remove()
+    _restore(offloader.cache, offloader.blocks, offloader.device, with_values)
     object.__delattr__(model, _ATTR)
 
 
@@ -368,10 +388,14 @@ def _budget(
     slot_bytes: int,
     device: torch.device,
     still_to_move: int,
+    host_budget: int | None,
 ) -> int:
     """The device budget in bytes, checked against one token's needs. The
     default on CUDA leaves room for the other weights still to be moved
-    there, and a tenth of what remains for activations and caches."""
+    there, and a tenth of what remains for activations and caches. On the
+    CPU the device slots are host memory too: every expert when the model's
+    experts are in host memory anyway, a quarter of `host_budget` when they
+    come from a store (so memory stays near the host budget)."""
     top_k = max(b.top_k for b in blocks)
     minimum = top_k * slot_bytes
     everything = sum(b.num_experts for b in blocks) * slot_bytes
@@ -379,6 +403,8 @@ def _budget(
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             return max(minimum, min(everything, int((free - still_to_move) * 0.9)))
+        if host_budget is not None:
+            return max(minimum, min(everything, host_budget // 4))
         return everything
     budget = parse_size(device_budget, "device_budget")
     if budget < minimum:
@@ -391,7 +417,7 @@ def _budget(
     return budget
 
 
-def _load_every_expert(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
+def load_every_expert(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
     """A budget that holds every expert: copy them all now, so that no
     forward pass waits for one."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0

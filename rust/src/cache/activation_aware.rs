@@ -34,15 +34,9 @@ impl CachePolicy for ActivationAware {
         "activation-aware"
     }
 
-    fn on_insert(&mut self, slot: SlotId, _expert: ExpertId) {
-        self.touch(slot);
-    }
-
     fn on_access(&mut self, slot: SlotId, _expert: ExpertId) {
         self.touch(slot);
     }
-
-    fn on_evict(&mut self, _slot: SlotId, _expert: ExpertId) {}
 
     fn choose_victim(
         &mut self,

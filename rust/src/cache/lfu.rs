@@ -41,8 +41,6 @@ impl CachePolicy for Lfu {
         self.touch(slot);
     }
 
-    fn on_evict(&mut self, _slot: SlotId, _expert: ExpertId) {}
-
     fn choose_victim(
         &mut self,
         candidates: &mut dyn Iterator<Item = (SlotId, ExpertId)>,

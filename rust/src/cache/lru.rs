@@ -29,15 +29,9 @@ impl CachePolicy for Lru {
         "lru"
     }
 
-    fn on_insert(&mut self, slot: SlotId, _expert: ExpertId) {
-        self.touch(slot);
-    }
-
     fn on_access(&mut self, slot: SlotId, _expert: ExpertId) {
         self.touch(slot);
     }
-
-    fn on_evict(&mut self, _slot: SlotId, _expert: ExpertId) {}
 
     fn choose_victim(
         &mut self,

@@ -21,12 +21,14 @@ use crate::tiers::device::SlotId;
 /// victims among the candidates offered (never a pinned or mid-copy slot).
 pub trait CachePolicy: Send {
     fn name(&self) -> &'static str;
-    /// `expert` was just given `slot`.
-    fn on_insert(&mut self, slot: SlotId, expert: ExpertId);
     /// `expert`, already in `slot`, is used again.
     fn on_access(&mut self, slot: SlotId, expert: ExpertId);
-    /// `expert` left `slot`.
-    fn on_evict(&mut self, slot: SlotId, expert: ExpertId);
+    /// `expert` was just given `slot`: by default, its first use.
+    fn on_insert(&mut self, slot: SlotId, expert: ExpertId) {
+        self.on_access(slot, expert);
+    }
+    /// `expert` left `slot` (a hook for policies that forget on eviction).
+    fn on_evict(&mut self, _slot: SlotId, _expert: ExpertId) {}
     /// The slot to free among `candidates` (slot, expert it holds), or
     /// `None` when there are none.
     fn choose_victim(

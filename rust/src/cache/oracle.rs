@@ -43,15 +43,9 @@ impl CachePolicy for Oracle {
         "oracle"
     }
 
-    fn on_insert(&mut self, _slot: SlotId, expert: ExpertId) {
-        self.advance(expert);
-    }
-
     fn on_access(&mut self, _slot: SlotId, expert: ExpertId) {
         self.advance(expert);
     }
-
-    fn on_evict(&mut self, _slot: SlotId, _expert: ExpertId) {}
 
     fn choose_victim(
         &mut self,

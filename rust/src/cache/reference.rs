@@ -34,15 +34,9 @@ impl CachePolicy for Reference {
         "reference"
     }
 
-    fn on_insert(&mut self, _slot: SlotId, expert: ExpertId) {
-        self.touch(expert);
-    }
-
     fn on_access(&mut self, _slot: SlotId, expert: ExpertId) {
         self.touch(expert);
     }
-
-    fn on_evict(&mut self, _slot: SlotId, _expert: ExpertId) {}
 
     fn choose_victim(
         &mut self,
