@@ -21,10 +21,11 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_patched_model_generates_what_the_plain_model_generates(family):
-    model = build(family)
-    inputs = prompt(family)
+def test_patched_model_generates_what_the_plain_model_generates(family, device):
+    model = build(family).to(device)
+    inputs = {name: tensor.to(device) for name, tensor in prompt(family).items()}
     plain_tokens, plain_logits = generate(model, inputs)
     if family not in ENCODER_DECODER:
         # Same expert arithmetic on both sides: transformers' eager experts.
@@ -33,10 +34,12 @@ def test_patched_model_generates_what_the_plain_model_generates(family):
     before = snapshot(model)
     budget = int(0.25 * expert_bytes(model))
 
-    offloader = moe_offload.patch(model, device="cpu", device_budget=budget)
+    offloader = moe_offload.patch(model, device=device, device_budget=budget)
     tokens, logits = generate(model, inputs)
     stats = offloader.stats()
     moe_offload.unpatch(model)
+
+    assert stats["backend"] == ("cuda" if device == "cuda" else "host")
 
     assert tokens.shape[-1] >= NEW_TOKENS
     assert torch.equal(tokens, plain_tokens)
