@@ -40,7 +40,6 @@ def test_patched_model_generates_what_the_plain_model_generates(family, device):
     moe_offload.unpatch(model)
 
     assert stats["backend"] == ("cuda" if device == "cuda" else "host")
-
     assert tokens.shape[-1] >= NEW_TOKENS
     assert torch.equal(tokens, plain_tokens)
     assert torch.equal(tokens, eager_tokens)

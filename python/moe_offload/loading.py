@@ -34,7 +34,7 @@ from moe_offload.offloader import (
     StoreBacking,
     _patch,
     abandon_patch,
-    load_every_expert,
+    load_every_expert_that_fits,
 )
 from moe_offload.progress import progress
 from moe_offload.sizes import format_size, parse_size
@@ -131,8 +131,7 @@ def from_pretrained(
     try:
         with _preloading(offloader, blocks, show_progress, preload):
             _load_non_experts(model, tensors, target, blocks, source_name)
-        if offloader.pool.n_slots == sum(b.num_experts for b in blocks):
-            load_every_expert(offloader.cache, blocks, target)
+        load_every_expert_that_fits(offloader.cache, blocks, target)
     except BaseException:
         abandon_patch(model)  # nothing is read back from a store that just failed
         raise

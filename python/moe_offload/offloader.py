@@ -259,8 +259,8 @@ def _patch(
         _move_non_experts(model, target)
         # From a store, the caller loads them once its preloading has read
         # the experts in parallel.
-        if backing is None and n_slots == sum(b.num_experts for b in blocks):
-            load_every_expert(cache, blocks, target)
+        if backing is None:
+            load_every_expert_that_fits(cache, blocks, target)
     except BaseException:
         # A model read from a store had no expert data before: give it none
         # back rather than read a possibly damaged store.
@@ -417,9 +417,11 @@ def _budget(
     return budget
 
 
-def load_every_expert(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
-    """A budget that holds every expert: copy them all now, so that no
-    forward pass waits for one."""
+def load_every_expert_that_fits(cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device) -> None:
+    """When the budget holds every expert, copies them all now, so that no
+    forward pass waits for one; otherwise leaves the slots to demand."""
+    if cache.n_slots < sum(b.num_experts for b in blocks):
+        return
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     for layer, block in enumerate(blocks):
         experts = list(range(block.num_experts))
