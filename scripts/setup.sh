@@ -11,7 +11,7 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "torch>=2.4" "transformers>=5.0" "safetensors>=0.4" "numpy>=1.24" \
-    "pytest>=7" "pytest-benchmark>=4" "accelerate>=0.30" "matplotlib>=3.5" "maturin>=1.7,<2" "ruff>=0.6"
+    "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "accelerate>=0.30" "matplotlib>=3.5" "maturin>=1.7,<2" "ruff>=0.6"
 
 rm -rf dist
 "$VENV/bin/maturin" build --release --quiet --out dist --interpreter "$PY"
