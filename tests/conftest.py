@@ -20,7 +20,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if site not in installed.parents and not os.environ.get("MOE_OFFLOAD_TEST_SOURCE"):
         raise pytest.UsageError(
             f"moe_offload was imported from {installed}, not from the installed wheel in {site}; "
-            "run the tests through scripts/test.sh"
+            "run the tests through scripts/test.sh, or set MOE_OFFLOAD_TEST_SOURCE=1 to test an editable "
+            "install (`maturin develop --release`)"
         )
 
 
