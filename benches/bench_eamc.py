@@ -1,5 +1,6 @@
 """EAMC search and the live path's tracing cost, for a DeepSeek-V2-Lite-shaped
-collection (L=27, E=64, top-6).
+collection (its 26 MoE layers — the first of its 27 layers is dense —, E=64,
+top-6).
 
     .venv/bin/python -m pytest benches/bench_eamc.py --benchmark-only
 
@@ -22,13 +23,13 @@ import torch
 
 from moe_offload import _core
 
-LAYERS, EXPERTS, TOP_K = 27, 64, 6
+LAYERS, EXPERTS, TOP_K = 26, 64, 6
 
 
-def filled_collection(capacity: int) -> _core.ActivationCollection:
+def filled_collection(capacity: int, entries: int | None = None) -> _core.ActivationCollection:
     rng = np.random.default_rng(0)
     eamc = _core.ActivationCollection(capacity, LAYERS, EXPERTS)
-    for _ in range(capacity):
+    for _ in range(capacity if entries is None else entries):
         counts = rng.poisson(1.5, size=LAYERS * EXPERTS).astype(np.uint32)
         eamc.insert(counts.tolist())
     return eamc
@@ -60,7 +61,8 @@ def test_layer_update_and_match(benchmark, capacity):
 def test_observe_on_the_forward_path(benchmark):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k1000.eamc"
-        filled_collection(1_000).save(path)
+        # One place free: the measured request joins when it ends.
+        filled_collection(1_000, entries=999).save(path)
         pool = torch.zeros(64 * 4096, dtype=torch.uint8)
         cache = _core.ExpertCache(
             layers=[(EXPERTS, 4000)] * LAYERS,
@@ -70,6 +72,7 @@ def test_observe_on_the_forward_path(benchmark):
             n_slots=64,
             eamc_path=path,
         )
+    assert cache.eamc_len == 999
     cache.begin_requests(1)
     tokens = random_tokens(LAYERS)
     state = {"step": 0}
@@ -81,4 +84,4 @@ def test_observe_on_the_forward_path(benchmark):
 
     benchmark(observe)
     cache.end_requests()
-    assert cache.eamc_len == 1_000  # full: the finished request took a place
+    assert cache.eamc_len == 1_000  # the observed request finished and joined

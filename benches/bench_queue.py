@@ -5,7 +5,8 @@ bindings' overhead is not what is measured.
 
     .venv/bin/python -m pytest benches/bench_queue.py --benchmark-only
 
-Requests per second = `extra_info["requests"]` / the mean time.
+Requests per second = `extra_info["requests"]` / the median time (the figure
+the README gives).
 """
 
 from __future__ import annotations
