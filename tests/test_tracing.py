@@ -123,7 +123,8 @@ def test_prefetching_copies_ahead_and_leaves_the_tokens_unchanged(tmp_path):
     moe_offload.unpatch(model)
     assert torch.equal(plain, offloaded)
     assert stats["prefetch_copies"] > 0
-    assert stats["prefetch_hits"] + stats["prefetch_late"] + stats["prefetch_wasted"] > 0
+    # Some prefetched experts had arrived by the time their layer needed them.
+    assert stats["prefetch_hits"] > 0, stats
     assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
     rates = stats["layer_hit_rates"]
     assert len(rates) == stats["moe_layers"] == 3 and all(0.0 <= r <= 1.0 for r in rates)
