@@ -1,7 +1,9 @@
 """Expert store benchmarks, one run, one random Mixtral-style model:
 
 1. read: the store read into host memory by the copy workers (direct I/O)
-   against `dd` reading the same files, buffered and with iflag=direct;
+   against `dd` reading the same files, buffered and with iflag=direct —
+   like against like: the store's N workers against N `dd` processes at
+   once, and the store with one worker against one `dd` at a time;
 2. load: `from_pretrained` on the converted store (every expert into host
    memory) and on the checkpoint read in place, against safetensors'
    `load_file` and transformers' `from_pretrained` of the same weights;
@@ -92,10 +94,16 @@ def run_all(args: argparse.Namespace) -> int:
         "samples": {name: samples(rounds, name, "gb_per_s") for name in read},
         "store_direct_io": rounds[0]["read-store"]["direct_io"],
         "bytes": rounds[0]["read-store"]["bytes"],
-        "store_fresh_memory / dd": read["read-store"] / read["read-dd"],
-        "store_fresh_memory / dd_direct": read["read-store"] / read["read-dd-direct"],
-        "store_reused_slots / dd": read["read-store-reused"] / read["read-dd"],
-        "store_reused_slots / dd_direct": read["read-store-reused"] / read["read-dd-direct"],
+        # Like against like: N workers against N dd processes at once, one
+        # worker against one dd at a time.
+        "store_fresh_memory / dd_parallel": read["read-store"] / read["read-dd-parallel"],
+        "store_fresh_memory / dd_direct_parallel": read["read-store"] / read["read-dd-direct-parallel"],
+        "store_reused_slots / dd_parallel": read["read-store-reused"] / read["read-dd-parallel"],
+        "store_reused_slots / dd_direct_parallel": (
+            read["read-store-reused"] / read["read-dd-direct-parallel"]
+        ),
+        "store_one_worker / dd": read["read-store-one-worker"] / read["read-dd"],
+        "store_one_worker / dd_direct": read["read-store-one-worker"] / read["read-dd-direct"],
     }
     load = {name: median(rounds, name, "seconds") for name in READ_AND_LOAD if name.startswith("load-")}
     touched = median(rounds, "load-safetensors", "touched_seconds")
@@ -147,7 +155,10 @@ def run_all(args: argparse.Namespace) -> int:
 READ_AND_LOAD = (
     "read-dd",
     "read-dd-direct",
+    "read-dd-parallel",
+    "read-dd-direct-parallel",
     "read-store",
+    "read-store-one-worker",
     "read-store-reused",
     "load-store",
     "load-in-place",
@@ -225,22 +236,36 @@ def paths(args: argparse.Namespace) -> tuple[Path, Path]:
 # --- the steps, each in its own process
 
 
-def read_dd(args: argparse.Namespace, direct: bool = False) -> dict:
+def read_dd(args: argparse.Namespace, direct: bool = False, parallel: int = 1) -> dict:
+    """`dd` of every layer file, `parallel` of them at a time."""
     _, store = paths(args)
     files = sorted(store.glob("layer-*.bin"))
+    flags = ["iflag=direct"] if direct else []
+    running: list[subprocess.Popen] = []
     started = time.perf_counter()
     for f in files:
-        flags = ["iflag=direct"] if direct else []
-        subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=8M", *flags], check=True, capture_output=True)
+        if len(running) == parallel:
+            finish(running.pop(0))
+        command = ["dd", f"if={f}", "of=/dev/null", "bs=8M", *flags]
+        running.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for process in running:
+        finish(process)
     seconds = time.perf_counter() - started
     total = sum(f.stat().st_size for f in files)
-    return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9}
+    return {"bytes": total, "seconds": seconds, "gb_per_s": total / seconds / 1e9, "parallel": parallel}
 
 
-def read_store(args: argparse.Namespace, host_slots: int | None = None) -> dict:
-    """Every blob read into host memory by the copy workers, through a host
-    cache of `host_slots` slots (default: room for all, so every page of it
-    is touched for the first time; fewer slots are reused, as in decoding)."""
+def finish(process: subprocess.Popen) -> None:
+    if process.wait() != 0:
+        raise RuntimeError(f"{' '.join(map(str, process.args))} failed")
+
+
+def read_store(args: argparse.Namespace, host_slots: int | None = None, workers: int | None = None) -> dict:
+    """Every blob read into host memory by the copy workers (`workers`,
+    default `--io-workers`), through a host cache of `host_slots` slots
+    (default: room for all, so every page of it is touched for the first
+    time; fewer slots are reused, as in decoding)."""
+    workers = workers or args.io_workers
     _, store_dir = paths(args)
     store = _core.ExpertStore.open(store_dir)
     layers = [
@@ -255,7 +280,7 @@ def read_store(args: argparse.Namespace, host_slots: int | None = None) -> dict:
         pool_owner=pool,
         slot_bytes=slot,
         n_slots=1,
-        copy_workers=args.io_workers,
+        copy_workers=workers,
         policy="lru",
         store=store,
         host_slots=host_slots or experts,
@@ -270,7 +295,7 @@ def read_store(args: argparse.Namespace, host_slots: int | None = None) -> dict:
         "seconds": seconds,
         "gb_per_s": stats["bytes_from_store"] / seconds / 1e9,
         "direct_io": store.direct_io,
-        "workers": args.io_workers,
+        "workers": workers,
         "host_slots": host_slots or experts,
     }
 
@@ -447,7 +472,10 @@ def rss_three_tier(args: argparse.Namespace) -> dict:
 STEPS = {
     "read-dd": read_dd,
     "read-dd-direct": lambda args: read_dd(args, direct=True),
+    "read-dd-parallel": lambda args: read_dd(args, parallel=args.io_workers),
+    "read-dd-direct-parallel": lambda args: read_dd(args, direct=True, parallel=args.io_workers),
     "read-store": read_store,
+    "read-store-one-worker": lambda args: read_store(args, workers=1),
     "read-store-reused": lambda args: read_store(args, host_slots=2 * args.io_workers),
     "load-store": load_store,
     "load-in-place": lambda args: load_store(args, in_place=True),
