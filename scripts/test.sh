@@ -13,3 +13,4 @@ cargo test --workspace --quiet
 
 # Run from tests/ so the source tree's python/ can never shadow the wheel.
 "$VENV/bin/python" -m pytest -q "$@"
+MOE_OFFLOAD_SOAK_GENERATES=300 "$VENV/bin/python" -m pytest -q -m soak tests/test_slots.py  # the soak test, longer

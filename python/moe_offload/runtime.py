@@ -1,10 +1,13 @@
 """The per-layer bridge between a model's forward pass and the core's cache:
 fetch the experts a layer needs, wait for exactly the one about to run, and
-release them when the layer is done."""
+release them when the layer is done; and the gate every forward pass of a
+patched model goes through."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +141,8 @@ class LayerRuntime:
         for start in range(0, len(experts), self.capacity):
             chunk = experts[start : start + self.capacity]
             slots = self.cache.fetch(self.layer, chunk)
+            # A Ctrl-C landing before the `try` leaves these pinned: the pass
+            # gate releases them (see PassGate).
             try:
                 for expert, slot in zip(chunk, slots, strict=True):
                     self.cache.wait(self.layer, expert, stream)
@@ -158,3 +163,82 @@ class LayerRuntime:
 
     def release(self, expert: int) -> None:
         self.cache.release(self.layer, [expert], self._stream())
+
+
+BeforePass = Callable[[nn.Module, tuple, dict], None]
+
+
+class PassGate:
+    """Runs a patched model's forward passes (and `generate` calls) through
+    the core's pass gate (`ExpertCache.run_pass`): one pass at a time,
+    whichever thread calls (a pass nested in another on the same thread, such
+    as an encoder run inside the model's forward, goes straight in), and
+    slots that an interrupted pass left held are released when the next one
+    starts. Taking and ending a turn happens inside that one core call, so
+    no Python exception -- a Ctrl-C lands between any two bytecodes -- can
+    leave a turn taken or cut the release short."""
+
+    def __init__(self, cache: ExpertCache, device: torch.device) -> None:
+        self.cache = cache
+        self.device = device
+
+    def stream(self) -> int:
+        """The CUDA stream passes read slots on (0 on the CPU)."""
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
+
+    def wrap(self, module: nn.Module, name: str, before: BeforePass | None = None) -> GatedMethod:
+        """Routes calls of `module.<name>` through this gate, running `before`
+        (a forward pre-hook's work) inside the pass."""
+        return GatedMethod(self, module, name, before)
+
+
+class GatedMethod:
+    """`module.<name>` replaced by the same call through a `PassGate`;
+    `remove()` puts the original back (or, when something has wrapped the
+    method since, makes this layer a plain pass-through)."""
+
+    def __init__(self, gate: PassGate, module: nn.Module, name: str, before: BeforePass | None) -> None:
+        self.module = module
+        self.name = name
+        self._gate: PassGate | None = gate
+        self._previous = module.__dict__.get(name)
+        original = getattr(module, name)
+        run = original
+        if before is not None:
+
+            def run(*args: Any, **kwargs: Any) -> Any:
+                before(module, args, kwargs)
+                return original(*args, **kwargs)
+
+        @functools.wraps(original)
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            gate = self._gate
+            if gate is None:
+                return original(*args, **kwargs)
+            return gate.cache.run_pass(run, args, kwargs, gate.stream())
+
+        self._gated = gated
+        module.__dict__[name] = gated
+
+    def remove(self) -> None:
+        self._gate = None
+        # Dropping our reference to `gated` breaks the cycle through its
+        # closure, so the cache and its pool are freed at once, not by the
+        # garbage collector.
+        gated, self._gated = self._gated, None
+        if self.module.__dict__.get(self.name) is gated:
+            if self._previous is None:
+                del self.module.__dict__[self.name]
+            else:
+                self.module.__dict__[self.name] = self._previous
+
+
+class GatedMethods:
+    """Several `GatedMethod`s, removed together (one handle of a patch)."""
+
+    def __init__(self, methods: list[GatedMethod]) -> None:
+        self.methods = methods
+
+    def remove(self) -> None:
+        for method in self.methods:
+            method.remove()

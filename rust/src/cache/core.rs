@@ -215,13 +215,24 @@ impl CacheCore {
         Some(slot)
     }
 
-    /// The copy of `job` completed (`Ok`) or failed.
+    /// The copy of `job` completed (`Ok`) or failed. A failed copy that
+    /// nobody holds (a prefetch) gives its slot back at once; one that a
+    /// fetch holds is reported by `wait` and gives it back on release.
     pub fn finish_copy(&mut self, job: &CopyJob, outcome: std::result::Result<(), CopyFailure>) {
         if outcome.is_ok() {
             self.stats.copies += 1;
             self.stats.bytes_to_device += job.bytes as u64;
         }
-        self.pool.finish_copy(job.slot, outcome);
+        if let Some(forgotten) = self.pool.finish_copy(job.slot, outcome) {
+            self.forget(job.slot, forgotten);
+        }
+    }
+
+    /// `slot` emptied because the copy of `expert` into it failed.
+    fn forget(&mut self, slot: SlotId, expert: ExpertId) {
+        self.policy.on_evict(slot, expert);
+        self.resident_bytes -= self.layout.bytes(expert) as u64;
+        self.prefetched[slot as usize] = false;
     }
 
     /// The slot of a fetched (pinned) expert, or a protocol error.
@@ -242,8 +253,33 @@ impl CacheCore {
     pub fn release(&mut self, id: ExpertId, read: bool) -> Result<SlotId> {
         let slot = self.pinned_slot(id)?;
         self.reader_pending[slot as usize] |= read;
-        self.pool.unpin(slot)?;
+        if let Some(forgotten) = self.pool.unpin(slot)? {
+            self.forget(slot, forgotten);
+        }
         Ok(slot)
+    }
+
+    /// Unpins every slot, for users that will never release theirs (a
+    /// forward pass cut short by an exception); `read` as for
+    /// [`release`](Self::release). Returns how many pins were dropped.
+    pub fn release_all(&mut self, read: bool) -> u32 {
+        let mut released = 0;
+        for slot in 0..self.pool.len() as SlotId {
+            let (pins, forgotten) = self.pool.unpin_all(slot);
+            if pins > 0 {
+                self.reader_pending[slot as usize] |= read;
+            }
+            if let Some(expert) = forgotten {
+                self.forget(slot, expert);
+            }
+            released += pins;
+        }
+        released
+    }
+
+    /// Slots that no fetch holds.
+    pub fn free_slots(&self) -> usize {
+        self.pool.unpinned()
     }
 
     /// Slots whose copy is queued or running.
@@ -333,6 +369,44 @@ mod tests {
         ));
         core.release(1, false).unwrap();
         assert_eq!(core.fetch(&queue, &[0, 2]).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_prefetch_gives_its_slot_back() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(ActivationAware::new(2, 8)));
+        let mut scores = vec![0.0; 8];
+        scores[5] = 0.9;
+        core.plan(&queue, &scores, &[(5, 0.9)], 8);
+        let job = core.accept(queue.try_pop().unwrap()).unwrap();
+        let failure = CopyFailure::from(&CoreError::Protocol("damaged blob".into()));
+        core.finish_copy(&job, Err(failure));
+        // Nobody held the failed prefetch: both slots serve the next layer.
+        assert_eq!(core.pool().lookup(5), None);
+        core.fetch(&queue, &[0, 1]).unwrap();
+        complete_all(&mut core, &queue);
+        assert_eq!(
+            core.stats().peak_resident_bytes,
+            20,
+            "the failed expert is no longer counted as resident"
+        );
+    }
+
+    #[test]
+    fn release_all_frees_every_held_slot() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(Lru::new(2)));
+        core.fetch(&queue, &[0, 1]).unwrap();
+        complete_all(&mut core, &queue);
+        core.fetch(&queue, &[1]).unwrap();
+        assert_eq!(core.free_slots(), 0);
+        // Three pins whose releases never come (an interrupted pass).
+        assert_eq!(core.release_all(true), 3);
+        assert_eq!(core.free_slots(), 2);
+        assert!(core.release(0, false).is_err(), "nothing is held any more");
+        core.fetch(&queue, &[2, 3]).unwrap();
+        complete_all(&mut core, &queue);
+        assert_eq!(core.release_all(false), 2);
     }
 
     #[test]

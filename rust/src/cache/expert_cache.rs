@@ -9,18 +9,25 @@
 //! 3. `release(layer, experts, stream)` unpins; on CUDA the slot is not
 //!    overwritten before `stream` has passed this point.
 //!
+//! Fetches whose release never comes (a forward pass cut short by an
+//! exception) are undone by `release_all(stream)`, which the caller runs when
+//! it knows no fetch of its own is outstanding: at the start of an outermost
+//! forward pass, whose turn [`ExpertCache::passes`] hands out one at a time.
+//!
 //! Behind the slots sits either the host tier holding every expert
 //! ([`ExpertCache::new`]) or the expert store on disk read into a bounded
 //! host cache ([`ExpertCache::with_store`]); the protocol is the same.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use moe_offload_cuda::Context;
 
 use super::core::{CacheCore, CopyJob};
+use super::pass_gate::PassGate;
 use super::policy_by_name;
 use crate::copy::{CopyBackend, CudaCopies, WorkerCopier};
 use crate::error::{CoreError, Result};
@@ -37,6 +44,13 @@ use crate::timing::TimingEstimate;
 use crate::trace::live::LiveTracer;
 use crate::trace::planning::{ApplyPlan, PlanningThread};
 use crate::trace::ActivationCollection;
+
+/// The most copy workers a cache starts. Copies are bound by the bus and
+/// the disk, which a few workers keep busy (an NVMe queue is full with a few
+/// dozen reads in flight); past that, each worker only costs a thread, a
+/// stack and (on CUDA) a stream, and a typo like `2**40` must be refused
+/// before any of them is made.
+pub const MAX_COPY_WORKERS: usize = 256;
 
 /// Where the slot pool lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +85,7 @@ struct Shared {
     source: ExpertSource,
     state: Mutex<CacheCore>,
     copied: Condvar,
-    queue: PrefetchQueue,
+    queue: Arc<PrefetchQueue>,
     backend: CopyBackend,
     /// Measured copy and layer times, for the planner's cost model.
     timing: Mutex<TimingEstimate>,
@@ -90,10 +104,58 @@ struct Staging {
 /// The device expert cache, its copy workers and its planner thread.
 pub struct ExpertCache {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
     /// Request tracing and prefetch planning; `None` when layers differ in
-    /// expert count (the EAMC needs one L×E shape).
+    /// expert count (the EAMC needs one L×E shape). Stopped before the
+    /// workers (see `Drop`).
     planning: Option<PlanningThread>,
+    workers: CopyWorkers,
+    passes: PassGate,
+}
+
+/// Threads serving a prefetch queue. Dropping them closes the queue and
+/// joins them, so a cache that fails halfway through its construction
+/// leaves no thread behind.
+struct CopyWorkers {
+    queue: Arc<PrefetchQueue>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl CopyWorkers {
+    /// Starts `n` threads with `spawn(index)`; on the first failure, stops
+    /// and joins those already started and returns the error.
+    fn start(
+        queue: Arc<PrefetchQueue>,
+        n: usize,
+        mut spawn: impl FnMut(usize) -> std::io::Result<JoinHandle<()>>,
+    ) -> Result<Self> {
+        let mut workers = Self {
+            queue,
+            handles: Vec::with_capacity(n),
+        };
+        for index in 0..n {
+            let handle = spawn(index).map_err(|e| {
+                CoreError::InvalidConfig(format!(
+                    "cannot start copy worker {} of {n}: {e}; use fewer copy workers",
+                    index + 1
+                ))
+            })?;
+            workers.handles.push(handle);
+        }
+        Ok(workers)
+    }
+}
+
+impl Drop for CopyWorkers {
+    fn drop(&mut self) {
+        // Nobody will read what is merely predicted: let the workers finish
+        // what was asked for and stop.
+        self.queue
+            .remove_if(|r| matches!(r.urgency, Urgency::Prefetch(_)));
+        self.queue.close();
+        for handle in self.handles.drain(..) {
+            let _ = handle.join();
+        }
+    }
 }
 
 impl ExpertCache {
@@ -142,10 +204,11 @@ impl ExpertCache {
                 layout.max_expert_bytes()
             )));
         }
-        if config.copy_workers == 0 {
-            return Err(CoreError::InvalidConfig(
-                "at least one copy worker is needed".into(),
-            ));
+        if !(1..=MAX_COPY_WORKERS).contains(&config.copy_workers) {
+            return Err(CoreError::InvalidConfig(format!(
+                "copy_workers = {} is out of range: use 1 to {MAX_COPY_WORKERS} copy workers",
+                config.copy_workers
+            )));
         }
         let context = match config.device {
             Device::Host => None,
@@ -170,15 +233,17 @@ impl ExpertCache {
             source,
             state: Mutex::new(core),
             copied: Condvar::new(),
-            queue: PrefetchQueue::new(),
+            queue: Arc::new(PrefetchQueue::new()),
             backend,
             staging: Mutex::new(Staging::default()),
             staged: Condvar::new(),
         });
-        let workers = (0..config.copy_workers)
-            .map(|i| spawn_worker(Arc::clone(&shared), i))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| CoreError::InvalidConfig(format!("cannot start copy worker: {e}")))?;
+        // Threads start last, after everything that can fail but their own
+        // start; any failure from here on stops and joins what was started.
+        let workers =
+            CopyWorkers::start(Arc::clone(&shared.queue), config.copy_workers, |index| {
+                spawn_worker(Arc::clone(&shared), index)
+            })?;
         // With a slot for every expert there is nothing to evict or
         // prefetch: requests are traced (the EAMC learns) but not planned.
         let every_expert_fits = config.n_slots >= shared.lock().layout().num_experts();
@@ -192,8 +257,9 @@ impl ExpertCache {
         };
         Ok(Self {
             shared,
-            workers,
             planning,
+            workers,
+            passes: PassGate::new(),
         })
     }
 
@@ -478,6 +544,40 @@ impl ExpertCache {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Unpins every slot still held. For fetches whose release will never
+    /// come: a forward pass cut short by an exception (a Ctrl-C can land
+    /// between any two bytecodes, so the caller's `finally` is not enough).
+    /// Only for a caller that knows no fetch still in use is outstanding (an
+    /// outermost pass of [`passes`](Self::passes)). On CUDA, `stream` is the
+    /// one the slots were read on, and the slots are reused only after its
+    /// work so far. Returns how many pins were dropped.
+    pub fn release_all(&self, stream: u64) -> Result<u32> {
+        if self.free_slots() == self.n_slots() {
+            return Ok(0);
+        }
+        // Readers that never recorded where they were done: the slots may
+        // be overwritten once everything queued on their stream has run.
+        self.reader_finished(stream)?;
+        Ok(self.shared.lock().release_all(self.is_cuda()))
+    }
+
+    /// The model's forward passes, one at a time: the caller takes a turn
+    /// for each pass and, in an outermost one, first calls
+    /// [`release_all`](Self::release_all) (see [`PassGate`]).
+    pub fn passes(&self) -> &PassGate {
+        &self.passes
+    }
+
+    /// Copy worker threads running.
+    pub fn copy_workers(&self) -> usize {
+        self.workers.handles.len()
+    }
+
+    /// Slots that no fetch holds (all of them between forward passes).
+    pub fn free_slots(&self) -> usize {
+        self.shared.lock().free_slots()
+    }
+
     fn reader_done(&self, slot: u32, stream: u64) -> Result<()> {
         match &self.shared.backend {
             CopyBackend::Cuda(cuda) => cuda.reader_done(slot, stream),
@@ -502,10 +602,14 @@ impl ExpertCache {
         self.shared.lock().stats().clone()
     }
 
-    pub fn reset_stats(&self) {
+    /// Clears the statistics: the device cache's, and with `host` the host
+    /// cache's too.
+    pub fn reset_stats(&self, host: bool) {
         self.shared.lock().reset_stats();
         if let ExpertSource::Stored(stored) = &self.shared.source {
-            stored.host_cache().reset_stats();
+            if host {
+                stored.host_cache().reset_stats();
+            }
         }
     }
 
@@ -536,7 +640,7 @@ impl Shared {
     fn serve(&self, copier: &WorkerCopier) {
         while let Some(request) = self.queue.pop() {
             if request.urgency == Urgency::Stage {
-                self.preload_one(request.expert);
+                self.preloaded(unless_panicked(|| self.preload_one(request.expert)));
                 continue;
             }
             // None: stale (the expert arrived meanwhile) or not worth a slot.
@@ -552,8 +656,21 @@ impl Shared {
     /// Copies the job's expert into its slot (reading it from the store
     /// first when the host cache lacks it) and publishes the outcome.
     fn transfer(&self, copier: &WorkerCopier, job: &CopyJob) {
+        // A panic fails this copy like any error: its waiters are told, the
+        // slot is given back, and the worker goes on serving.
+        let outcome = unless_panicked(|| self.copy(copier, job));
+        if let Ok(Some(took)) = outcome {
+            lock(&self.timing).record_copy(job.bytes, took.as_secs_f64());
+        }
+        self.lock()
+            .finish_copy(job, outcome.map(drop).map_err(|e| CopyFailure::from(&e)));
+        self.copied.notify_all();
+    }
+
+    /// Copies the job's expert into its slot: how long it took, when known.
+    fn copy(&self, copier: &WorkerCopier, job: &CopyJob) -> Result<Option<Duration>> {
         let dst = self.lock().pool().address(job.slot);
-        let outcome = match &self.source {
+        match &self.source {
             // SAFETY: the slot is at least `job.bytes` long and only this
             // worker writes it while it is in phase Copying; the host tier's
             // blob holds `job.bytes` bytes and is not written while its
@@ -586,23 +703,16 @@ impl Shared {
                     )
                 }
             }),
-        };
-        if let Ok(Some(took)) = outcome {
-            lock(&self.timing).record_copy(job.bytes, took.as_secs_f64());
         }
-        self.lock()
-            .finish_copy(job, outcome.map(drop).map_err(|e| CopyFailure::from(&e)));
-        self.copied.notify_all();
     }
 
     /// Reads one expert of a [`preload`](ExpertCache::preload) into the
     /// host cache.
-    fn preload_one(&self, expert: ExpertId) {
-        let outcome = match &self.source {
+    fn preload_one(&self, expert: ExpertId) -> Result<()> {
+        match &self.source {
             ExpertSource::Stored(stored) => stored.stage(expert),
             ExpertSource::Resident(_) => Ok(()),
-        };
-        self.preloaded(outcome);
+        }
     }
 
     /// One stage request of a [`preload`](ExpertCache::preload) was served.
@@ -619,6 +729,24 @@ impl Shared {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `work`'s outcome, with a panic turned into an error, so that whoever
+/// waits for that outcome is told instead of waiting forever.
+fn unless_panicked<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
+    // Unwind safety: the state a copy touches is behind mutexes whose
+    // transitions complete before anything that could panic, and poisoned
+    // locks are taken over (see `Shared::lock`).
+    catch_unwind(AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        Err(CoreError::Protocol(format!(
+            "a copy worker panicked: {message}"
+        )))
+    })
 }
 
 /// Plans from the planner thread reach the cache: the policy learns the
@@ -690,16 +818,78 @@ fn fail_all(shared: &Shared, error: &CoreError) {
 
 impl Drop for ExpertCache {
     fn drop(&mut self) {
-        // The planner thread holds the shared state: stop it first.
+        // The planner thread queues prefetches: stop it first; the workers
+        // are stopped and joined when the `workers` field drops, after this.
         self.planning.take();
-        // Nobody will read what is merely predicted: let the workers finish
-        // what was asked for and stop.
-        self.shared
-            .queue
-            .remove_if(|r| matches!(r.urgency, Urgency::Prefetch(_)));
-        self.shared.queue.close();
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host_config(copy_workers: usize, pool: &[u8]) -> CacheConfig {
+        CacheConfig {
+            layers: vec![(2, 100)],
+            pool_address: pool.as_ptr() as u64,
+            slot_bytes: 4096,
+            n_slots: 1,
+            device: Device::Host,
+            copy_workers,
+            policy: "lru".into(),
+            budget_bytes: 4096,
+            planner: PlannerConfig::default(),
+            eamc_path: None,
         }
+    }
+
+    #[test]
+    fn copy_workers_out_of_range_are_refused_before_any_thread_starts() {
+        let pool = vec![0u8; 4096];
+        for workers in [0, MAX_COPY_WORKERS + 1, 1 << 40] {
+            let error = ExpertCache::new(host_config(workers, &pool))
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                error.contains(&format!("copy_workers = {workers}")) && error.contains("1 to 256"),
+                "{error}"
+            );
+        }
+        let cache = ExpertCache::new(host_config(MAX_COPY_WORKERS, &pool)).unwrap();
+        assert_eq!(cache.copy_workers(), MAX_COPY_WORKERS);
+    }
+
+    #[test]
+    fn a_failed_start_stops_and_joins_the_workers_already_started() {
+        let queue = Arc::new(PrefetchQueue::new());
+        let alive = Arc::new(());
+        let started = CopyWorkers::start(Arc::clone(&queue), 5, |index| {
+            if index == 3 {
+                return Err(std::io::Error::other("no more threads"));
+            }
+            let (queue, alive) = (Arc::clone(&queue), Arc::clone(&alive));
+            std::thread::Builder::new().spawn(move || {
+                let _alive = alive;
+                while queue.pop().is_some() {}
+            })
+        });
+        let error = started.err().expect("the fourth start fails").to_string();
+        assert!(
+            error.contains("copy worker 4 of 5") && error.contains("no more threads"),
+            "{error}"
+        );
+        assert_eq!(
+            Arc::strong_count(&alive),
+            1,
+            "every started worker is joined"
+        );
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_for_whoever_waits() {
+        let outcome: Result<()> = unless_panicked(|| panic!("slot {} exploded", 3));
+        let error = outcome.unwrap_err().to_string();
+        assert!(error.contains("panicked: slot 3 exploded"), "{error}");
     }
 }

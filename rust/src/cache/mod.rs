@@ -7,11 +7,13 @@ pub mod core;
 pub mod lfu;
 pub mod lru;
 pub mod oracle;
+pub mod pass_gate;
 pub mod reference;
 
 mod expert_cache;
 
-pub use expert_cache::{CacheConfig, Device, ExpertCache};
+pub use expert_cache::{CacheConfig, Device, ExpertCache, MAX_COPY_WORKERS};
+pub use pass_gate::PassGate;
 
 use crate::error::{CoreError, Result};
 use crate::layout::ExpertId;

@@ -13,10 +13,11 @@ mod planner;
 mod store;
 
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyTuple};
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::cache::{CacheConfig, Device, ExpertCache as CoreCache};
 use errors::to_py;
@@ -37,7 +38,7 @@ impl PyExpertCache {
     #[new]
     /// Planner settings (prefetch depth, EAMC capacity, ...) come as
     /// keyword arguments; see `planner.rs`.
-    #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=1,
+    #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=None,
         policy="activation-aware", budget_bytes=None, eamc_path=None, store=None, host_slots=0,
         **planner))]
     #[allow(clippy::too_many_arguments)]
@@ -49,7 +50,7 @@ impl PyExpertCache {
         slot_bytes: usize,
         n_slots: usize,
         device: &str,
-        copy_workers: usize,
+        copy_workers: Option<&Bound<'_, PyAny>>,
         policy: &str,
         budget_bytes: Option<u64>,
         eamc_path: Option<PathBuf>,
@@ -64,7 +65,7 @@ impl PyExpertCache {
             slot_bytes,
             n_slots,
             device: parse_device(device)?,
-            copy_workers,
+            copy_workers: copy_workers.map_or(Ok(1), worker_count)?,
             policy: policy.to_string(),
             budget_bytes,
             planner: planner::planner_config(planner)?,
@@ -190,6 +191,49 @@ impl PyExpertCache {
             .map_err(to_py)
     }
 
+    /// Unpins every slot still held (fetches whose release will never come:
+    /// a forward pass cut short); returns how many pins were dropped.
+    #[pyo3(signature = (stream=0))]
+    fn release_all(&self, py: Python<'_>, stream: u64) -> PyResult<u32> {
+        py.detach(|| self.cache.release_all(stream)).map_err(to_py)
+    }
+
+    /// Runs `call(*args, **kwargs)` as one forward pass of the model and
+    /// returns what it returns: after any other thread's pass has ended
+    /// (nested passes of this thread go straight in), and, for an outermost
+    /// pass, after releasing slots an interrupted pass left held, and again
+    /// when it raises. `stream`: the CUDA stream passes read slots on.
+    #[pyo3(signature = (call, args, kwargs=None, stream=0))]
+    fn run_pass<'py>(
+        &self,
+        py: Python<'py>,
+        call: &Bound<'py, PyAny>,
+        args: &Bound<'py, PyTuple>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+        stream: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let gate = self.cache.passes();
+        let turn = loop {
+            // Waiting for another thread's pass: without the GIL (that pass
+            // needs it to end), in slices, so a Ctrl-C can end the wait.
+            if let Some(turn) = py.detach(|| gate.enter(Duration::from_millis(50))) {
+                break turn;
+            }
+            py.check_signals()?;
+        };
+        if turn.is_outermost() {
+            py.detach(|| self.cache.release_all(stream))
+                .map_err(to_py)?;
+        }
+        let outcome = call.call(args, kwargs);
+        if turn.is_outermost() && outcome.is_err() {
+            // Now rather than at the next pass; a failure here would hide
+            // the pass's own error, and the next pass tries again anyway.
+            let _ = py.detach(|| self.cache.release_all(stream));
+        }
+        outcome
+    }
+
     /// Starts `n` requests (one per sequence of a batch); the live ones end
     /// and join the EAMC.
     fn begin_requests(&self, n: usize) -> PyResult<()> {
@@ -238,6 +282,7 @@ impl PyExpertCache {
         d.set_item("prefetch_late", s.prefetch_late)?;
         d.set_item("prefetch_wasted", s.prefetch_wasted)?;
         d.set_item("prefetch_copies", s.prefetch_copies)?;
+        d.set_item("free_slots", self.cache.free_slots())?;
         let rates: Vec<f64> = s
             .layer_hits
             .iter()
@@ -254,9 +299,25 @@ impl PyExpertCache {
         Ok(d)
     }
 
-    fn reset_stats(&self) {
-        self.cache.reset_stats();
+    /// Clears the statistics; with `host=False` only the device cache's,
+    /// keeping what the host cache read (e.g. an up-front read).
+    #[pyo3(signature = (host=true))]
+    fn reset_stats(&self, host: bool) {
+        self.cache.reset_stats(host);
     }
+}
+
+/// `copy_workers` as a count; any Python int (or not an int at all) gets
+/// the core's range check or a message naming the argument, never a bare
+/// OverflowError or TypeError.
+fn worker_count(value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    value.extract::<usize>().map_err(|_| {
+        let shown = value.repr().map_or_else(|_| "?".into(), |r| r.to_string());
+        errors::MoeOffloadError::new_err(format!(
+            "copy_workers = {shown} is out of range: use 1 to {} copy workers",
+            crate::cache::MAX_COPY_WORKERS
+        ))
+    })
 }
 
 fn parse_device(device: &str) -> PyResult<Device> {
@@ -273,6 +334,13 @@ fn parse_device(device: &str) -> PyResult<Device> {
 }
 
 /// Whether the CUDA driver library could be loaded, and if not, why.
+/// The largest EAMC capacity allowed for `layers` × `experts` on this
+/// machine (see `trace::eamc::max_capacity`).
+#[pyfunction]
+fn max_eamc_capacity(layers: usize, experts: usize) -> usize {
+    crate::trace::eamc::max_capacity(layers, experts)
+}
+
 #[pyfunction]
 fn cuda_driver_status() -> (bool, String) {
     match moe_offload_cuda::driver() {
@@ -291,6 +359,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(lab::replay, m)?)?;
     m.add_function(wrap_pyfunction!(lab::exercise_queue, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_driver_status, m)?)?;
+    m.add_function(wrap_pyfunction!(max_eamc_capacity, m)?)?;
+    m.add("MAX_EAMC_CAPACITY", crate::trace::eamc::MAX_CAPACITY)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // Benchmarks refuse to time an unoptimised build.

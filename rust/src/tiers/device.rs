@@ -193,7 +193,10 @@ impl SlotPool {
         self.slots[slot as usize].pins += 1;
     }
 
-    pub fn unpin(&mut self, slot: SlotId) -> Result<()> {
+    /// Drops one pin. Returns the expert the slot forgets: one whose copy
+    /// failed, once its last user has seen the failure (the next fetch
+    /// tries again).
+    pub fn unpin(&mut self, slot: SlotId) -> Result<Option<ExpertId>> {
         let entry = &mut self.slots[slot as usize];
         if entry.pins == 0 {
             return Err(CoreError::Protocol(format!(
@@ -201,12 +204,32 @@ impl SlotPool {
             )));
         }
         entry.pins -= 1;
+        Ok(self.forget_if_failed(slot))
+    }
+
+    /// Drops every pin of the slot (users that will never release it);
+    /// returns how many, and the expert the slot forgets as in
+    /// [`unpin`](Self::unpin).
+    pub fn unpin_all(&mut self, slot: SlotId) -> (u32, Option<ExpertId>) {
+        let pins = std::mem::take(&mut self.slots[slot as usize].pins);
+        (pins, self.forget_if_failed(slot))
+    }
+
+    /// Slots that no user holds.
+    pub fn unpinned(&self) -> usize {
+        self.slots.iter().filter(|s| s.pins == 0).count()
+    }
+
+    /// A failed copy leaves nothing usable: once nobody holds the slot (no
+    /// one waits to be told), it empties, so it is neither lost to the pool
+    /// nor read.
+    fn forget_if_failed(&mut self, slot: SlotId) -> Option<ExpertId> {
+        let entry = &self.slots[slot as usize];
         if entry.pins == 0 && matches!(entry.phase, Phase::Failed(_)) {
-            // A failed copy leaves nothing usable: forget the expert so the
-            // next fetch tries again.
-            self.clear(slot);
+            self.clear(slot)
+        } else {
+            None
         }
-        Ok(())
     }
 
     /// A copy worker took the slot's copy request.
@@ -223,13 +246,21 @@ impl SlotPool {
     }
 
     /// The copy into the slot completed (`Ok`) or failed (`Err(reason)`).
-    pub fn finish_copy(&mut self, slot: SlotId, outcome: std::result::Result<(), CopyFailure>) {
+    /// Returns the expert the slot forgets: a failed copy nobody holds (a
+    /// prefetch) empties the slot at once; otherwise its users are told
+    /// when they wait, and the last release empties it.
+    pub fn finish_copy(
+        &mut self,
+        slot: SlotId,
+        outcome: std::result::Result<(), CopyFailure>,
+    ) -> Option<ExpertId> {
         let entry = &mut self.slots[slot as usize];
         debug_assert_eq!(entry.phase, Phase::Copying);
         entry.phase = match outcome {
             Ok(()) => Phase::Ready,
             Err(reason) => Phase::Failed(reason),
         };
+        self.forget_if_failed(slot)
     }
 
     /// Number of slots that hold (or are receiving) an expert.
@@ -333,6 +364,39 @@ mod tests {
             pool.unpin(slot).is_err(),
             "double release is a protocol error"
         );
+    }
+
+    #[test]
+    fn a_failed_copy_that_nobody_holds_frees_its_slot_at_once() {
+        // A prefetch: assigned, unpinned while its copy is queued, then failed.
+        let mut pool = SlotPool::new(0, 64, 1, 10).unwrap();
+        let mut lru = Lru::new(1);
+        let slot = pool.assign(3, &mut lru).unwrap().slot;
+        assert_eq!(pool.unpin(slot).unwrap(), None);
+        pool.start_copy(slot, 3).unwrap();
+        let failure = CopyFailure::from(&CoreError::Protocol("boom".into()));
+        assert_eq!(pool.finish_copy(slot, Err(failure)), Some(3));
+        assert_eq!(pool.phase(slot), &Phase::Empty);
+        assert_eq!(pool.lookup(3), None);
+        assert_eq!(pool.available(), 1, "the slot is usable again");
+    }
+
+    #[test]
+    fn unpin_all_drops_every_pin_and_forgets_failed_copies() {
+        let mut pool = SlotPool::new(0, 64, 2, 10).unwrap();
+        let mut lru = Lru::new(2);
+        let a = ready(&mut pool, &mut lru, 0);
+        pool.pin(a);
+        let b = pool.assign(1, &mut lru).unwrap().slot;
+        pool.start_copy(b, 1).unwrap();
+        let failure = CopyFailure::from(&CoreError::Protocol("boom".into()));
+        assert_eq!(pool.finish_copy(b, Err(failure)), None, "still held");
+        assert_eq!(pool.unpinned(), 0);
+        assert_eq!(pool.unpin_all(a), (2, None));
+        assert_eq!(pool.unpin_all(b), (1, Some(1)));
+        assert_eq!(pool.unpinned(), 2);
+        assert_eq!(pool.available(), 2);
+        assert_eq!(pool.unpin_all(a), (0, None));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! disk behind a bounded host cache (the disk → host hop, then the
 //! host → device hop, done by the same worker in that order).
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,19 +82,15 @@ impl StoredExperts {
         id: ExpertId,
         use_bytes: impl FnOnce(*const u8) -> Result<T>,
     ) -> Result<T> {
-        let slot = match self.cache.acquire(id)? {
-            Acquired::Ready(slot) => slot,
+        let held = match self.cache.acquire(id)? {
+            Acquired::Ready(slot) => Held::new(&self.cache, slot),
             Acquired::Load(slot) => {
-                if let Err(e) = self.load(id, slot) {
-                    self.cache.release(slot);
-                    return Err(e);
-                }
-                slot
+                let held = Held::new(&self.cache, slot);
+                self.load(id, slot)?;
+                held
             }
         };
-        let outcome = use_bytes(self.cache.ptr(slot));
-        self.cache.release(slot);
-        outcome
+        use_bytes(self.cache.ptr(held.slot))
     }
 
     /// Reads the expert into the host cache ahead of need, unless it is
@@ -102,9 +99,8 @@ impl StoredExperts {
         let Some(slot) = self.cache.try_reserve(id) else {
             return Ok(());
         };
-        let outcome = self.load(id, slot);
-        self.cache.release(slot);
-        outcome
+        let _held = Held::new(&self.cache, slot);
+        self.load(id, slot)
     }
 
     /// Fills a reserved slot from the store and publishes the outcome.
@@ -116,7 +112,14 @@ impl StoredExperts {
         let dst = unsafe {
             std::slice::from_raw_parts_mut(self.cache.ptr(slot), self.cache.slot_bytes())
         };
-        let outcome = self.store.read(id, dst);
+        // A panicking read still publishes a failure: others may be waiting
+        // for this load.
+        let outcome =
+            catch_unwind(AssertUnwindSafe(|| self.store.read(id, dst))).unwrap_or_else(|_| {
+                Err(CoreError::Protocol(format!(
+                    "reading expert id {id} from the store panicked"
+                )))
+            });
         let published = match &outcome {
             Ok(()) => Ok(()),
             Err(CoreError::Store { path, reason }) => Err(LoadFailure {
@@ -132,6 +135,25 @@ impl StoredExperts {
         self.cache
             .finish_load(slot, published, bytes, started.elapsed().as_secs_f64());
         outcome
+    }
+}
+
+/// A host slot pinned for this thread, released when dropped: on every path
+/// out, a panic included, so the slot is never held for good.
+struct Held<'a> {
+    cache: &'a HostCache,
+    slot: HostSlotId,
+}
+
+impl<'a> Held<'a> {
+    fn new(cache: &'a HostCache, slot: HostSlotId) -> Self {
+        Self { cache, slot }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.cache.release(self.slot);
     }
 }
 
