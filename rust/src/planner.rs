@@ -12,7 +12,8 @@
 
 use crate::error::{CoreError, Result};
 use crate::layout::ExpertId;
-use crate::trace::{ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
+use crate::trace::eamc::MAX_CAPACITY;
+use crate::trace::{sizing, ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
 
 /// Tunables, measured with the trace replay.
 #[derive(Debug, Clone)]
@@ -57,6 +58,25 @@ impl Default for PlannerConfig {
             affinity_horizon: 2,
             reuse_weight: 0.2,
         }
+    }
+}
+
+impl PlannerConfig {
+    /// Checks the settings that size or drive the planner, so that a bad
+    /// one is refused before anything is built from it.
+    pub fn check(&self) -> Result<()> {
+        if self.matches == 0 {
+            return Err(CoreError::InvalidConfig(
+                "the planner needs at least one match (matches >= 1)".into(),
+            ));
+        }
+        if !(1..=MAX_CAPACITY).contains(&self.eamc_capacity) {
+            return Err(CoreError::InvalidConfig(format!(
+                "eamc_capacity={} is out of range: use 1 to {MAX_CAPACITY} entries (the default is 1000)",
+                self.eamc_capacity
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -124,6 +144,8 @@ pub struct Planner {
 
 impl Planner {
     pub fn new(layers: usize, experts: usize, config: PlannerConfig) -> Result<Self> {
+        config.check()?;
+        check_affinity_table(layers, experts)?;
         let eamc =
             ActivationCollection::new(config.eamc_capacity, layers, experts, config.replacement)?;
         Self::with_collection(eamc, config)
@@ -131,17 +153,14 @@ impl Planner {
 
     /// A planner that starts from a saved collection.
     pub fn with_collection(eamc: ActivationCollection, config: PlannerConfig) -> Result<Self> {
-        if config.matches == 0 {
-            return Err(CoreError::InvalidConfig(
-                "the planner needs at least one match".into(),
-            ));
-        }
+        config.check()?;
         let (layers, experts) = (eamc.layers(), eamc.experts());
+        check_affinity_table(layers, experts)?;
         Ok(Self {
             config,
             live: Vec::new(),
             global: ActivationMatrix::new(layers, experts),
-            affinity: vec![0.0; layers * experts * experts],
+            affinity: sizing::zeroed(layers * experts * experts, "the planner's affinity table")?,
             top_k: 1,
             scores: vec![0.0; layers * experts],
             priority: vec![0.0; layers * experts],
@@ -315,7 +334,7 @@ impl Planner {
             .map(|(id, &s)| (id as ExpertId, s))
             .collect();
         // Many of the best are resident already; the cache skips those.
-        let depth = self.config.prefetch_depth * 8;
+        let depth = self.config.prefetch_depth.saturating_mul(8);
         let by_score =
             |a: &(ExpertId, f32), b: &(ExpertId, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if best.len() > depth {
@@ -420,6 +439,21 @@ impl Planner {
     }
 }
 
+/// The affinity table grows with E² (L·E·E floats): checked against the
+/// memory limit before it, or anything else, is allocated.
+fn check_affinity_table(layers: usize, experts: usize) -> Result<()> {
+    let cells = layers
+        .checked_mul(experts)
+        .and_then(|n| n.checked_mul(experts));
+    let what = format!("the planner's affinity table for {layers} layers of {experts} experts");
+    sizing::check_fits(
+        &what,
+        cells.and_then(|n| sizing::bytes_of(n, 4)),
+        sizing::memory_limit(),
+    )
+    .map_err(CoreError::InvalidConfig)
+}
+
 /// Retention of an expert `d` layers ahead whose predicted share of its
 /// layer's routing is `share`: the inverse of its expected distance to the
 /// next use, in layers. Used with probability p per token, the next use is
@@ -500,5 +534,35 @@ mod tests {
         assert!(scores[4 + 3] > 0.0);
         assert!(scores[4 + 3] > scores[4]);
         assert!(planner.end_request(99).is_err());
+    }
+
+    #[test]
+    fn sizes_from_settings_and_shapes_are_checked_before_allocating() {
+        for eamc_capacity in [0, 10_000_000_000, usize::MAX] {
+            let config = PlannerConfig {
+                eamc_capacity,
+                ..PlannerConfig::default()
+            };
+            let err = Planner::new(2, 4, config).err().unwrap();
+            assert!(matches!(err, CoreError::InvalidConfig(_)), "{err}");
+            assert!(err.to_string().contains("eamc_capacity"), "{err}");
+        }
+        // A routing shape (from a trace) whose E² table cannot exist.
+        let config = PlannerConfig {
+            eamc_capacity: 1,
+            ..PlannerConfig::default()
+        };
+        let err = Planner::new(1, 1 << 24, config).err().unwrap().to_string();
+        assert!(err.contains("affinity table"), "{err}");
+        // The largest prefetch depth plans (its candidate count saturates).
+        let config = PlannerConfig {
+            prefetch_depth: usize::MAX,
+            ..PlannerConfig::default()
+        };
+        let mut planner = Planner::new(2, 4, config).unwrap();
+        let r = planner.begin_request();
+        planner.observe(r, 0, &[1]).unwrap();
+        planner.observe(r, 1, &[2]).unwrap();
+        assert!(!planner.plan(0).1.is_empty());
     }
 }

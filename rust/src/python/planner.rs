@@ -25,7 +25,8 @@ pub const SETTINGS: [&str; 12] = [
 ];
 
 /// `PlannerConfig::default()` with the settings present in `kwargs`
-/// (None values keep the default).
+/// (None values keep the default), checked before anything is built from
+/// them: a bad value raises MoeOffloadError naming the setting.
 pub fn planner_config(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PlannerConfig> {
     let mut config = PlannerConfig::default();
     let Some(kwargs) = kwargs else {
@@ -36,22 +37,24 @@ pub fn planner_config(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PlannerCon
         if value.is_none() {
             continue;
         }
+        let count = || count(&key, &value);
+        let weight = || weight(&key, &value);
         match key.as_str() {
-            "matches" => config.matches = value.extract()?,
-            "own_weight" => config.own_weight = value.extract()?,
-            "eamc_weight" => config.eamc_weight = value.extract()?,
-            "global_weight" => config.global_weight = value.extract()?,
-            "prefetch_depth" => config.prefetch_depth = value.extract()?,
-            "horizon" => config.horizon = value.extract()?,
-            "eamc_capacity" => config.eamc_capacity = value.extract()?,
+            "matches" => config.matches = count()?,
+            "own_weight" => config.own_weight = weight()?,
+            "eamc_weight" => config.eamc_weight = weight()?,
+            "global_weight" => config.global_weight = weight()?,
+            "prefetch_depth" => config.prefetch_depth = count()?,
+            "horizon" => config.horizon = count()?,
+            "eamc_capacity" => config.eamc_capacity = count()?,
             "replacement" => {
                 config.replacement =
                     Replacement::parse(&value.extract::<String>()?).map_err(to_py)?
             }
-            "recency" => config.recency = value.extract()?,
-            "affinity_weight" => config.affinity_weight = value.extract()?,
-            "affinity_horizon" => config.affinity_horizon = value.extract()?,
-            "reuse_weight" => config.reuse_weight = value.extract()?,
+            "recency" => config.recency = weight()?,
+            "affinity_weight" => config.affinity_weight = weight()?,
+            "affinity_horizon" => config.affinity_horizon = count()?,
+            "reuse_weight" => config.reuse_weight = weight()?,
             other => {
                 return Err(MoeOffloadError::new_err(format!(
                     "unknown planner setting {other:?}; known: {}",
@@ -60,5 +63,27 @@ pub fn planner_config(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PlannerCon
             }
         }
     }
+    config.check().map_err(to_py)?;
     Ok(config)
+}
+
+/// A count setting: a non-negative integer below 2**64.
+fn count(key: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    value
+        .extract()
+        .map_err(|_| bad_setting(key, value, "a non-negative integer"))
+}
+
+/// A weight setting: a number.
+fn weight(key: &str, value: &Bound<'_, PyAny>) -> PyResult<f32> {
+    value
+        .extract()
+        .map_err(|_| bad_setting(key, value, "a number"))
+}
+
+fn bad_setting(key: &str, value: &Bound<'_, PyAny>, expected: &str) -> PyErr {
+    let shown = value
+        .repr()
+        .map_or_else(|_| "?".to_string(), |r| r.to_string());
+    MoeOffloadError::new_err(format!("{key}={shown}: expected {expected}"))
 }

@@ -7,16 +7,75 @@
 //! values of all K entries are contiguous, so a matcher's per-token update
 //! (one cell per routed expert) is a vectorisable sweep over K floats.
 
-use std::fs;
-use std::io::Write;
-use std::path::Path;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 
 use super::eam::ActivationMatrix;
+use super::sizing;
 use crate::error::{CoreError, Result};
 
 const MAGIC: &[u8; 8] = b"MOEEAMC\0";
 const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 8 + 4 * 5 + 4;
+
+/// The most entries an EAMC holds. Matching sweeps every entry once per
+/// routed expert (68 µs per layer at K = 10,000 on DeepSeek-V2-Lite's
+/// shape), so a collection a hundred times larger could not keep up with a
+/// model; the cap turns a mistyped capacity or a corrupt header into an
+/// error before anything is allocated.
+pub const MAX_CAPACITY: usize = 1_000_000;
+
+/// Bytes a collection of this shape holds: K·L·E cells and two K·L layer
+/// sums (f32), and a match count and sequence number per entry.
+fn footprint(capacity: usize, layers: usize, experts: usize) -> Option<usize> {
+    let cells = capacity.checked_mul(layers)?.checked_mul(experts)?;
+    let layer_sums = capacity.checked_mul(layers)?.checked_mul(2)?;
+    let floats = sizing::bytes_of(cells.checked_add(layer_sums)?, 4)?;
+    floats.checked_add(sizing::bytes_of(capacity, 12)?)
+}
+
+/// The largest capacity a collection of `layers` × `experts` may have on
+/// this machine: [`MAX_CAPACITY`], or fewer where that many entries would
+/// take more than [`sizing::memory_limit`]. Callers that take a capacity
+/// from a user check it against this, to name their own argument.
+pub fn max_capacity(layers: usize, experts: usize) -> usize {
+    let Some(entry) = footprint(1, layers, experts).filter(|&bytes| bytes > 0) else {
+        return 0;
+    };
+    MAX_CAPACITY.min(sizing::memory_limit() / entry)
+}
+
+/// Whether a collection of this shape may be allocated: positive sizes, at
+/// most [`MAX_CAPACITY`] entries, sizes the file format can store, and at
+/// most `max_bytes` in all.
+fn check_shape(
+    capacity: usize,
+    layers: usize,
+    experts: usize,
+    max_bytes: usize,
+) -> std::result::Result<(), String> {
+    if capacity == 0 || layers == 0 || experts == 0 {
+        return Err(format!(
+            "an EAMC needs positive capacity, layers and experts (got {capacity}, {layers}, {experts})"
+        ));
+    }
+    if capacity > MAX_CAPACITY {
+        return Err(format!(
+            "an EAMC capacity of {capacity} entries is above the limit of {MAX_CAPACITY}"
+        ));
+    }
+    if u32::try_from(layers).is_err() || u32::try_from(experts).is_err() {
+        return Err(format!(
+            "{layers} layers of {experts} experts do not fit the EAMC file's 32-bit fields"
+        ));
+    }
+    let what = format!("an EAMC of {capacity} entries of {layers}x{experts} counts");
+    sizing::check_fits(&what, footprint(capacity, layers, experts), max_bytes)
+}
 
 /// Which entry a full collection gives up for a new one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,28 +137,42 @@ pub struct ActivationCollection {
 }
 
 impl ActivationCollection {
+    /// An empty collection of `capacity` entries of `layers` × `experts`
+    /// counts. The capacity is at most [`MAX_CAPACITY`], and the collection
+    /// at most half of this machine's memory: checked before allocating.
     pub fn new(
         capacity: usize,
         layers: usize,
         experts: usize,
         replacement: Replacement,
     ) -> Result<Self> {
-        if capacity == 0 || layers == 0 || experts == 0 {
-            return Err(CoreError::InvalidConfig(format!(
-                "an EAMC needs positive capacity, layers and experts (got {capacity}, {layers}, {experts})"
-            )));
-        }
+        check_shape(capacity, layers, experts, sizing::memory_limit()).map_err(|reason| {
+            CoreError::InvalidConfig(format!(
+                "{reason} (eamc_capacity sets the capacity; the default is 1000)"
+            ))
+        })?;
+        Self::allocate(capacity, layers, experts, replacement)
+    }
+
+    /// The storage of a collection whose shape [`check_shape`] accepted.
+    fn allocate(
+        capacity: usize,
+        layers: usize,
+        experts: usize,
+        replacement: Replacement,
+    ) -> Result<Self> {
+        let what = "the EAMC";
         Ok(Self {
             layers,
             experts,
             capacity,
             len: 0,
             replacement,
-            cells: vec![0.0; layers * experts * capacity],
-            layer_norm2: vec![0.0; layers * capacity],
-            row_sum: vec![0.0; layers * capacity],
-            matched: vec![0; capacity],
-            inserted: vec![0; capacity],
+            cells: sizing::zeroed(layers * experts * capacity, what)?,
+            layer_norm2: sizing::zeroed(layers * capacity, what)?,
+            row_sum: sizing::zeroed(layers * capacity, what)?,
+            matched: sizing::zeroed(capacity, what)?,
+            inserted: sizing::zeroed(capacity, what)?,
             next_seq: 0,
         })
     }
@@ -251,33 +324,17 @@ impl ActivationCollection {
         }
         self.matched[index] = 0;
         self.inserted[index] = self.next_seq;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
     }
 
     /// Writes the collection to `path` atomically: a temporary file in the
-    /// same directory, synced, then renamed over `path`.
+    /// same directory, synced, renamed over `path`, then the directory
+    /// synced. A save killed half-way leaves the old file intact, and its
+    /// temporary is removed by the next save.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes = self.to_bytes();
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let written = (|| -> std::io::Result<()> {
-            let mut file = fs::File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)
-        })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(file_error(path, &format!("cannot write: {e}")));
-        }
-        Ok(())
+        let (dir, name) = save_target(path)?;
+        write_atomically(&dir, &name, path, &self.to_bytes())
+            .map_err(|e| file_error(path, &format!("cannot write: {e}")))
     }
 
     fn to_bytes(&self) -> Vec<u8> {
@@ -307,79 +364,258 @@ impl ActivationCollection {
     }
 
     /// Reads a collection saved by [`save`](Self::save). A missing,
-    /// truncated, corrupt or foreign file is an error naming the file.
+    /// truncated, corrupt or foreign file is an error naming the file; the
+    /// header's sizes are checked against the file's length and the limits
+    /// of [`new`](Self::new) before anything is read or allocated.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = fs::read(path).map_err(|e| file_error(path, &format!("cannot read: {e}")))?;
-        Self::from_bytes(&bytes).map_err(|reason| file_error(path, &reason))
+        read_file(path, sizing::memory_limit()).map_err(|reason| file_error(path, &reason))
     }
 
-    fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
-        if bytes.len() < 8 || &bytes[..8] != MAGIC {
-            return Err("not an EAMC file (wrong magic bytes)".into());
-        }
-        if bytes.len() < HEADER_BYTES + 4 {
-            return Err(format!(
-                "truncated: {} bytes, shorter than the header",
-                bytes.len()
-            ));
-        }
-        let word = |i: usize| u32::from_le_bytes(bytes[8 + 4 * i..12 + 4 * i].try_into().unwrap());
-        let (version, layers, experts, capacity, len, rule) = (
-            word(0),
-            word(1) as usize,
-            word(2) as usize,
-            word(3) as usize,
-            word(4) as usize,
-            word(5),
-        );
-        if version != VERSION {
-            return Err(format!(
-                "EAMC format version {version}; this build reads version {VERSION}"
-            ));
-        }
-        let entry_bytes = layers
-            .checked_mul(experts)
-            .and_then(|n| n.checked_mul(4))
-            .and_then(|n| n.checked_add(12))
-            .ok_or("corrupt header (sizes overflow)")?;
-        let expected = len
-            .checked_mul(entry_bytes)
-            .and_then(|n| n.checked_add(HEADER_BYTES + 4))
-            .ok_or("corrupt header (sizes overflow)")?;
-        if bytes.len() != expected {
-            return Err(format!(
-                "truncated or padded: {} bytes where the header promises {expected}",
-                bytes.len()
-            ));
-        }
+    /// Parses a whole EAMC file; a collection may take at most `max_bytes`.
+    fn from_bytes(bytes: &[u8], max_bytes: usize) -> std::result::Result<Self, String> {
+        let header = Header::parse(bytes, bytes.len(), max_bytes)?;
         let (payload, tail) = bytes.split_at(bytes.len() - 4);
         if crc32fast::hash(payload) != u32::from_le_bytes(tail.try_into().unwrap()) {
             return Err("checksum mismatch: the file is corrupt".into());
         }
-        let replacement =
-            Replacement::from_code(rule).ok_or("corrupt header (replacement rule)")?;
-        if len > capacity {
-            return Err(format!(
-                "corrupt header: {len} entries in a capacity of {capacity}"
-            ));
-        }
+        let Header {
+            layers,
+            experts,
+            capacity,
+            len,
+            replacement,
+        } = header;
         let mut eamc =
-            Self::new(capacity, layers, experts, replacement).map_err(|e| e.to_string())?;
-        let mut at = HEADER_BYTES;
+            Self::allocate(capacity, layers, experts, replacement).map_err(|e| e.to_string())?;
         let read_u32 = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().unwrap());
+        let cells = layers * experts;
+        let mut counts = vec![0u32; cells];
+        let mut at = HEADER_BYTES;
         for k in 0..len {
-            let counts: Vec<u32> = (0..layers * experts)
-                .map(|i| read_u32(at + 4 * i))
-                .collect();
-            at += layers * experts * 4;
+            for (i, count) in counts.iter_mut().enumerate() {
+                *count = read_u32(at + 4 * i);
+            }
+            at += cells * 4;
             eamc.len = k + 1;
             eamc.write(k, &counts);
             eamc.matched[k] = read_u32(at);
             eamc.inserted[k] = u64::from_le_bytes(payload[at + 4..at + 12].try_into().unwrap());
             at += 12;
         }
-        eamc.next_seq = eamc.inserted[..len].iter().max().map_or(0, |&s| s + 1);
+        eamc.next_seq = eamc.inserted[..len]
+            .iter()
+            .max()
+            .map_or(0, |&s| s.saturating_add(1));
         Ok(eamc)
+    }
+}
+
+/// The fixed-size start of an EAMC file, with its sizes checked.
+#[derive(Debug)]
+struct Header {
+    layers: usize,
+    experts: usize,
+    capacity: usize,
+    len: usize,
+    replacement: Replacement,
+}
+
+impl Header {
+    /// Parses the header at the start of a file of `file_len` bytes and
+    /// checks its sizes against that length and the collection's limits
+    /// (at most `max_bytes`), so that nothing is sized from a bad header.
+    fn parse(start: &[u8], file_len: usize, max_bytes: usize) -> std::result::Result<Self, String> {
+        if start.len() < 8 || &start[..8] != MAGIC {
+            return Err("not an EAMC file (wrong magic bytes)".into());
+        }
+        if file_len < HEADER_BYTES + 4 || start.len() < HEADER_BYTES {
+            return Err(format!(
+                "truncated: {file_len} bytes, shorter than the header"
+            ));
+        }
+        let word = |i: usize| u32::from_le_bytes(start[8 + 4 * i..12 + 4 * i].try_into().unwrap());
+        let version = word(0);
+        if version != VERSION {
+            return Err(format!(
+                "EAMC format version {version}; this build reads version {VERSION}"
+            ));
+        }
+        let [layers, experts, capacity, len] = [1, 2, 3, 4].map(|i| word(i) as usize);
+        let corrupt = |what: String| {
+            format!("corrupt or foreign header: {what}; delete the file or use another eamc_path")
+        };
+        let replacement = Replacement::from_code(word(5))
+            .ok_or_else(|| corrupt(format!("unknown replacement rule {}", word(5))))?;
+        if len > capacity {
+            return Err(corrupt(format!(
+                "{len} entries in a capacity of {capacity}"
+            )));
+        }
+        check_shape(capacity, layers, experts, max_bytes).map_err(corrupt)?;
+        // Cannot overflow: len <= capacity, whose footprint fits max_bytes.
+        let expected = HEADER_BYTES + len * (layers * experts * 4 + 12) + 4;
+        if file_len != expected {
+            return Err(format!(
+                "truncated or padded: {file_len} bytes where the header promises {expected}"
+            ));
+        }
+        Ok(Self {
+            layers,
+            experts,
+            capacity,
+            len,
+            replacement,
+        })
+    }
+}
+
+/// Reads and parses the file at `path`: the header first, so that a file
+/// whose header does not match its length is refused before the rest is
+/// read.
+fn read_file(path: &Path, max_bytes: usize) -> std::result::Result<ActivationCollection, String> {
+    let cannot_read = |e: std::io::Error| format!("cannot read: {e}");
+    let mut file = File::open(path).map_err(cannot_read)?;
+    let meta = file.metadata().map_err(cannot_read)?;
+    if !meta.is_file() {
+        return Err("not a regular file; eamc_path must name a file".into());
+    }
+    let file_len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    let mut bytes = Vec::with_capacity(HEADER_BYTES);
+    (&mut file)
+        .take(HEADER_BYTES as u64)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    Header::parse(&bytes, file_len, max_bytes)?;
+    bytes
+        .try_reserve_exact(file_len - bytes.len())
+        .map_err(|e| format!("cannot allocate {file_len} bytes to read it: {e}"))?;
+    // One byte beyond the promised length: a file that grew since is
+    // caught by the length check of `from_bytes`.
+    file.take((file_len - HEADER_BYTES + 1) as u64)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    ActivationCollection::from_bytes(&bytes, max_bytes)
+}
+
+/// The directory and file name that `path` names for a save, or an error
+/// that says what is wrong with the path.
+fn save_target(path: &Path) -> Result<(PathBuf, OsString)> {
+    if path.as_os_str().is_empty() {
+        return Err(CoreError::EamcFile {
+            path: "\"\"".into(),
+            reason: "an empty path; name a file such as model.eamc".into(),
+        });
+    }
+    let name = match path.file_name() {
+        Some(name) if !path.is_dir() => name.to_os_string(),
+        _ => {
+            return Err(file_error(
+                path,
+                &format!(
+                    "names a directory, not a file; name a file in it, such as {}",
+                    path.join("model.eamc").display()
+                ),
+            ))
+        }
+    };
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(file_error(
+            path,
+            &format!(
+                "{} is not an existing directory; create it or save elsewhere",
+                dir.display()
+            ),
+        ));
+    }
+    Ok((dir, name))
+}
+
+/// `.NAME.tmp-`: how the temporaries of a target `NAME` start.
+fn temporary_prefix(name: &OsStr) -> OsString {
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(".tmp-");
+    prefix
+}
+
+/// `.NAME.tmp-PID`: where process PID writes a new `NAME` before the rename.
+fn temporary_name(name: &OsStr, pid: u32) -> OsString {
+    let mut tmp = temporary_prefix(name);
+    tmp.push(pid.to_string());
+    tmp
+}
+
+/// Writes `bytes` to `dir/name` (`path`) through a temporary file.
+///
+/// Saves into one directory take turns under an advisory lock (flock) on
+/// the directory. The kernel drops a killed writer's lock, so while a save
+/// holds it no other save is writing: every temporary of this target left
+/// in the directory belongs to a writer that is gone, whatever its PID, and
+/// is removed. Where the directory cannot be opened or locked (no read
+/// permission, no flock on the filesystem), the save goes ahead without
+/// that clean-up.
+fn write_atomically(dir: &Path, name: &OsStr, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let directory = File::open(dir).ok();
+    if directory
+        .as_ref()
+        .is_some_and(|d| lock_exclusive(d).is_ok())
+    {
+        remove_stale_temporaries(dir, name);
+    }
+    let tmp = dir.join(temporary_name(name, std::process::id()));
+    let written = (|| {
+        let mut file = File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    // The rename itself is durable once the directory is synced. The lock
+    // goes with the directory's handle, on every path.
+    match directory {
+        Some(directory) => directory.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Takes an exclusive advisory lock on `file`, waiting for its holder.
+fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    loop {
+        // SAFETY: flock only reads the descriptor, which `file` keeps open
+        // for the duration of the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+}
+
+/// Removes `.NAME.tmp-PID` files in `dir` (best effort: a temporary that
+/// cannot be removed is left for a later save).
+fn remove_stale_temporaries(dir: &Path, name: &OsStr) {
+    let prefix = temporary_prefix(name).into_vec();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let is_temporary = file_name
+            .as_bytes()
+            .strip_prefix(prefix.as_slice())
+            .is_some_and(|pid| !pid.is_empty() && pid.iter().all(u8::is_ascii_digit));
+        if is_temporary && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -462,5 +698,256 @@ mod tests {
             assert!(err.contains("a.eamc"), "{what}: {err}");
         }
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Sets header word `i` (0 = version, 1 layers, 2 experts, 3 capacity,
+    /// 4 entries, 5 replacement rule) and recomputes the checksum, so that
+    /// the parser gets past it.
+    fn with_header_word(bytes: &[u8], i: usize, value: u32) -> Vec<u8> {
+        let mut b = bytes.to_vec();
+        b[8 + 4 * i..12 + 4 * i].copy_from_slice(&value.to_le_bytes());
+        reseal(&mut b);
+        b
+    }
+
+    fn reseal(bytes: &mut [u8]) {
+        if let Some(n) = bytes.len().checked_sub(4) {
+            let crc = crc32fast::hash(&bytes[..n]);
+            bytes[n..].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    fn sample() -> ActivationCollection {
+        let mut eamc = ActivationCollection::new(4, 2, 3, Replacement::Oldest).unwrap();
+        eamc.insert(&eam(&[&[1, 0, 2], &[0, 3, 0]])).unwrap();
+        eamc.insert(&eam(&[&[0, 5, 0], &[1, 1, 1]])).unwrap();
+        eamc
+    }
+
+    #[test]
+    fn sizes_from_arguments_and_headers_are_checked_before_allocating() {
+        // Capacities that used to abort (allocation failure) or panic
+        // (capacity overflow) are configuration errors naming the setting.
+        for capacity in [10_000_000_000, 1 << 62, usize::MAX] {
+            let err = ActivationCollection::new(capacity, 27, 64, Replacement::Oldest).unwrap_err();
+            assert!(matches!(err, CoreError::InvalidConfig(_)), "{err}");
+            let message = err.to_string();
+            assert!(
+                message.contains("eamc_capacity") && message.contains("1000000"),
+                "{message}"
+            );
+        }
+        let err = ActivationCollection::new(1000, 1 << 20, 1 << 20, Replacement::Oldest)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("half of this machine's memory"), "{err}");
+        // The largest capacity callers are told about is one that is taken.
+        assert_eq!(max_capacity(26, 64), MAX_CAPACITY);
+        let most = max_capacity(1 << 12, 1 << 16);
+        assert!(0 < most && most < MAX_CAPACITY);
+        assert!(
+            ActivationCollection::new(most + 1, 1 << 12, 1 << 16, Replacement::Oldest).is_err()
+        );
+        assert_eq!(max_capacity(1 << 20, 1 << 20), 0);
+
+        // A header with a valid checksum whose sizes are absurd, or larger
+        // than the collection may take, or disagree with the file's length.
+        let bytes = sample().to_bytes();
+        let limit = 1 << 20;
+        for (word, value, says) in [
+            (3, u32::MAX, "above the limit"),
+            (1, 0, "positive capacity"),
+            (4, u32::MAX, "entries in a capacity"),
+            (1, 1 << 20, "more than the 1048576 bytes"),
+            (2, u32::MAX, "more than the 1048576 bytes"),
+            (4, 1, "truncated or padded"),
+            (5, 7, "replacement rule"),
+        ] {
+            let broken = with_header_word(&bytes, word, value);
+            let err = ActivationCollection::from_bytes(&broken, limit).unwrap_err();
+            assert!(err.contains(says), "word {word} = {value}: {err}");
+        }
+
+        // Loading checks the header against the file's length first.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.eamc");
+        fs::write(&path, with_header_word(&bytes, 3, u32::MAX)).unwrap();
+        let err = ActivationCollection::load(&path).unwrap_err();
+        assert!(matches!(err, CoreError::EamcFile { .. }), "{err}");
+        assert!(err.to_string().contains("huge.eamc"), "{err}");
+    }
+
+    #[test]
+    fn a_save_removes_the_temporaries_of_killed_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.eamc");
+        // Left by writers killed mid-save, one of them with this process's
+        // own (reused) PID.
+        let stale = [
+            ".a.eamc.tmp-4194304".to_string(),
+            format!(".a.eamc.tmp-{}", std::process::id()),
+        ];
+        // Not temporaries of this target.
+        let others = [".a.eamc.tmp-12.bak", ".b.eamc.tmp-12", "a.eamc.tmp-12"];
+        for name in stale.iter().map(String::as_str).chain(others) {
+            fs::write(dir.path().join(name), b"half-written").unwrap();
+        }
+        sample().save(&path).unwrap();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".a.eamc.tmp-12.bak",
+                ".b.eamc.tmp-12",
+                "a.eamc",
+                "a.eamc.tmp-12"
+            ]
+        );
+        assert_eq!(ActivationCollection::load(&path).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_save_to_a_path_that_names_no_file_says_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing").join("x.eamc");
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let under_a_file = file.join("x.eamc");
+        for (path, says) in [
+            (Path::new(""), "an empty path; name a file"),
+            (Path::new("."), "names a directory, not a file"),
+            (dir.path(), "names a directory, not a file"),
+            (missing.as_path(), "is not an existing directory"),
+            (under_a_file.as_path(), "is not an existing directory"),
+        ] {
+            let err = sample().save(path).unwrap_err();
+            assert!(matches!(err, CoreError::EamcFile { .. }), "{err}");
+            assert!(err.to_string().contains(says), "{path:?}: {err}");
+        }
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "nothing is written beside the path");
+    }
+
+    /// The parser under random and mutated input: it returns a collection
+    /// or its error, and never panics, aborts or sizes anything beyond its
+    /// limit (1 MiB here, so a case cannot allocate more).
+    mod fuzz {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        const LIMIT: usize = 1 << 20;
+
+        fn parse(bytes: &[u8]) -> std::result::Result<ActivationCollection, String> {
+            let parsed = ActivationCollection::from_bytes(bytes, LIMIT);
+            match &parsed {
+                Ok(eamc) => {
+                    assert!(eamc.len() <= eamc.capacity());
+                    assert!(
+                        footprint(eamc.capacity(), eamc.layers(), eamc.experts()).unwrap() <= LIMIT
+                    );
+                }
+                Err(reason) => assert!(!reason.is_empty()),
+            }
+            parsed
+        }
+
+        /// A valid file of a small random collection.
+        fn saved() -> impl Strategy<Value = Vec<u8>> {
+            (1usize..6, 1usize..4, 1usize..5, 0usize..6, any::<u64>()).prop_map(
+                |(capacity, layers, experts, inserts, seed)| {
+                    let rule = Replacement::from_code((seed % 3) as u32).unwrap();
+                    let mut eamc =
+                        ActivationCollection::new(capacity, layers, experts, rule).unwrap();
+                    let mut x = seed | 1;
+                    for _ in 0..inserts {
+                        let counts = (0..layers * experts)
+                            .map(|_| {
+                                x ^= x << 13;
+                                x ^= x >> 7;
+                                x ^= x << 17;
+                                (x % 5) as u32
+                            })
+                            .collect();
+                        let m = ActivationMatrix::from_counts(layers, experts, counts).unwrap();
+                        eamc.insert(&m).unwrap();
+                    }
+                    eamc.to_bytes()
+                },
+            )
+        }
+
+        fn extreme() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                Just(0u32),
+                Just(1),
+                Just(2),
+                Just(u32::MAX),
+                Just(u32::MAX - 1),
+                Just(1 << 31),
+                Just(MAX_CAPACITY as u32),
+                Just(MAX_CAPACITY as u32 + 1),
+                any::<u32>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 1000, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn valid_files_round_trip(bytes in saved()) {
+                let eamc = parse(&bytes).unwrap();
+                prop_assert_eq!(eamc.to_bytes(), bytes);
+            }
+
+            #[test]
+            fn random_bytes_are_refused(tail in vec(any::<u8>(), 0..160), magic in any::<bool>()) {
+                let mut bytes = if magic { MAGIC.to_vec() } else { Vec::new() };
+                bytes.extend(tail);
+                prop_assert!(parse(&bytes).is_err());
+            }
+
+            #[test]
+            fn flipped_bits_and_truncations_are_refused(
+                bytes in saved(),
+                flips in vec((any::<prop::sample::Index>(), 0u8..8), 1..4),
+                cut in any::<prop::sample::Index>(),
+                truncate in any::<bool>(),
+            ) {
+                let mut broken = bytes.clone();
+                if truncate {
+                    broken.truncate(cut.index(bytes.len()));
+                } else {
+                    for (at, bit) in &flips {
+                        broken[at.index(bytes.len())] ^= 1 << bit;
+                    }
+                }
+                if broken != bytes {
+                    prop_assert!(parse(&broken).is_err());
+                }
+            }
+
+            #[test]
+            fn extreme_header_fields_with_a_valid_checksum_are_safe(
+                bytes in saved(),
+                fields in vec((0usize..6, extreme()), 1..4),
+                pad in 0usize..64,
+            ) {
+                let mut broken = bytes;
+                for &(word, value) in &fields {
+                    broken = with_header_word(&broken, word, value);
+                }
+                // Sometimes grow the file, so that a header's larger promise
+                // may match its length.
+                let n = broken.len() - 4;
+                broken.splice(n..n, std::iter::repeat_n(1u8, pad * 4));
+                reseal(&mut broken);
+                let _ = parse(&broken);
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! [`LiveTracer`]: the requests a patched model is serving now, each with
 //! its activation matrix, fed to the planner as the model routes tokens.
 
+use super::sizing;
 use crate::error::{CoreError, Result};
 use crate::planner::{Plan, Planner, RequestId, Timing};
 
@@ -21,6 +22,14 @@ impl LiveTracer {
         &self.planner
     }
 
+    /// Bytes one live request takes: its matcher's two floats per EAMC
+    /// entry, and its activation counts and recent activations (L×E each).
+    pub fn request_bytes(&self) -> usize {
+        let eamc = self.planner.collection();
+        let cells = eamc.layers() * eamc.experts();
+        (2 * eamc.capacity() + 2 * cells) * 4 + eamc.layers()
+    }
+
     pub fn set_timing(&mut self, timing: Timing) {
         self.planner.set_timing(timing);
     }
@@ -28,6 +37,7 @@ impl LiveTracer {
     /// Ends the current requests (their matrices join the EAMC) and starts
     /// `n` new ones: one per sequence of the batch.
     pub fn begin_requests(&mut self, n: usize) -> Result<()> {
+        check_batch(n, self.request_bytes())?;
         self.end_requests()?;
         self.live = (0..n.max(1))
             .map(|_| self.planner.begin_request())
@@ -77,4 +87,16 @@ impl LiveTracer {
     pub fn plan(&mut self, layer: usize) -> Plan<'_> {
         self.planner.plan(layer)
     }
+}
+
+/// Checks that a batch of `n` requests of `request_bytes` each fits the
+/// memory the tracing may use, before any of them is allocated.
+pub fn check_batch(n: usize, request_bytes: usize) -> Result<()> {
+    let what = format!("tracing a batch of {n} requests");
+    sizing::check_fits(
+        &what,
+        sizing::bytes_of(n, request_bytes),
+        sizing::memory_limit(),
+    )
+    .map_err(|reason| CoreError::InvalidConfig(format!("{reason}; use smaller batches")))
 }

@@ -7,6 +7,7 @@ pub mod eamc;
 pub mod live;
 pub mod matcher;
 pub mod planning;
+pub mod sizing;
 
 pub use eam::ActivationMatrix;
 pub use eamc::{ActivationCollection, Replacement};

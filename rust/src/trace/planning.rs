@@ -9,7 +9,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::live::LiveTracer;
+use super::live::{check_batch, LiveTracer};
 use crate::error::{CoreError, Result};
 use crate::layout::ExpertId;
 use crate::planner::Timing;
@@ -37,6 +37,8 @@ pub struct PlanningThread {
     tracer: Arc<Mutex<LiveTracer>>,
     /// The first error the thread met, reported by the next call.
     failure: Arc<Mutex<Option<String>>>,
+    /// Bytes one live request takes, to check a batch before it is sent.
+    request_bytes: usize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -48,6 +50,7 @@ impl PlanningThread {
     /// them and hands the plan over (without, it only traces: nothing to
     /// plan when every expert has a device slot).
     pub fn spawn(tracer: LiveTracer, apply: Option<ApplyPlan>) -> Result<Self> {
+        let request_bytes = tracer.request_bytes();
         let (sender, events) = channel();
         let tracer = Arc::new(Mutex::new(tracer));
         let failure = Arc::new(Mutex::new(None));
@@ -63,6 +66,7 @@ impl PlanningThread {
             handle: Some(handle),
             tracer,
             failure,
+            request_bytes,
         })
     }
 
@@ -78,7 +82,10 @@ impl PlanningThread {
             .ok_or_else(|| CoreError::Protocol("the planner thread has stopped".into()))
     }
 
+    /// Starts `n` requests; a batch too large to trace is refused here, on
+    /// the caller's thread, and the live requests go on.
     pub fn begin_requests(&self, n: usize) -> Result<()> {
+        check_batch(n, self.request_bytes)?;
         self.send(Event::Begin(n))
     }
 
@@ -228,5 +235,19 @@ mod tests {
         let error = thread.settled().err().expect("the bad routing is reported");
         assert!(error.to_string().contains("top_k = 2"), "{error}");
         assert!(thread.begin_requests(1).is_err());
+    }
+
+    #[test]
+    fn a_batch_too_large_to_trace_is_refused_and_tracing_goes_on() {
+        let planner = Planner::new(1, 4, PlannerConfig::default()).unwrap();
+        let thread = PlanningThread::spawn(LiveTracer::new(planner), None).unwrap();
+        for n in [usize::MAX, 10_000_000_000] {
+            let error = thread.begin_requests(n).unwrap_err().to_string();
+            assert!(error.contains("use smaller batches"), "{error}");
+        }
+        thread.begin_requests(2).unwrap();
+        thread.observe(0, vec![1, 3], 1, None).unwrap();
+        thread.end_requests().unwrap();
+        assert_eq!(thread.settled().unwrap().planner().collection().len(), 2);
     }
 }
