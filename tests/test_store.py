@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ def save(model, path: Path) -> Path:
     model.save_pretrained(path, max_shard_size="20KB")
     assert (path / "model.safetensors.index.json").is_file()
     return path
+
+
+def reseal(store: Path, name: str) -> None:
+    """Records file `name`'s present size and CRC-32 in the store's index, as
+    a store written that way would have them."""
+    index = json.loads((store / "moe-store.json").read_text())
+    data = (store / name).read_bytes()
+    [entry] = [e for e in index["files"] if e["name"] == name]
+    entry.update(bytes=len(data), crc32=zlib.crc32(data))
+    (store / "moe-store.json").write_text(json.dumps(index))
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -114,11 +125,20 @@ def test_checkpoint_is_converted_on_first_use_and_reused_after(saved, tmp_path):
 
 
 def test_a_host_budget_that_holds_every_expert_reads_them_all_up_front(saved):
-    _, model, _, store = saved
+    family, model, _, store = saved
     experts = expert_bytes(model)
-    _, offloader = moe_offload.from_pretrained(store, device="cpu", host_budget=4 * experts)
-    assert offloader.stats()["host_slots"] == sum(b.num_experts for b in offloader.blocks)
-    assert offloader.cache.host_stats()["host_misses"] == 0
+    loaded, offloader = moe_offload.from_pretrained(
+        store, device="cpu", host_budget=4 * experts, device_budget=experts // 4
+    )
+    count = sum(b.num_experts for b in offloader.blocks)
+    stats = offloader.stats()
+    assert stats["host_slots"] == count
+    # The up-front read shows in the statistics.
+    assert stats["host_staged"] == count and stats["bytes_from_store"] >= experts
+    generate(loaded, prompt(family))
+    stats = offloader.stats()
+    assert stats["host_misses"] == 0 and stats["host_hits"] > 0, "generation read nothing from disk"
+    assert stats["bytes_from_store"] == offloader.cache.host_stats()["bytes_from_store"] >= experts
 
 
 def test_on_the_cpu_the_device_budget_defaults_to_a_quarter_of_the_host_budget(saved):
@@ -174,6 +194,10 @@ def test_converting_to_another_dtype(saved, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "experts" in result.stdout and "MB/s" in result.stdout
+    # Into a log (not a terminal), progress is a few plain lines, no bar.
+    progress = [line for line in result.stderr.splitlines() if line.startswith("converting experts")]
+    assert "\r" not in result.stderr and 1 <= len(progress) <= 4, result.stderr
+    assert progress[-1].startswith("converting experts: 100%")
     loaded, _ = moe_offload.from_pretrained(store, device="cpu", host_budget=expert_bytes(model))
     assert loaded.dtype == torch.bfloat16
     reference = build(family).to(torch.bfloat16)
@@ -235,6 +259,151 @@ def test_a_corrupt_blob_is_named_at_its_first_read_and_the_store_is_left_alone(m
     assert digest(store) == before, "reading never writes"
 
 
+def test_every_byte_the_store_serves_is_checksummed(mixtral):
+    _, _, store = mixtral
+    # The config: one word changed, same size; only a checksum can tell.
+    config = store / "config.json"
+    text = config.read_text()
+    config.write_text(text.replace('"silu"', '"gelu"'))
+    assert config.read_text() != text and len(config.read_text()) == len(text)
+    with pytest.raises(StoreError, match=r"config\.json: checksum mismatch.*moe-offload convert"):
+        moe_offload.from_pretrained(store, device="cpu")
+    config.write_text(text)
+    # The non-expert weights: a flipped byte in a tensor, or in the header,
+    # is found while they load, before the model is handed out.
+    weights = store / "non-experts.safetensors"
+    original = weights.read_bytes()
+    for at in (len(original) - 3, 20):
+        damaged = bytearray(original)
+        damaged[at] ^= 0x01
+        weights.write_bytes(bytes(damaged))
+        before = digest(store)
+        with pytest.raises(
+            StoreError, match=r"non-experts\.safetensors: .*(checksum mismatch|not a readable)"
+        ):
+            moe_offload.from_pretrained(store, device="cpu")
+        assert digest(store) == before, "reading never writes"
+    weights.write_bytes(original)
+    moe_offload.from_pretrained(store, device="cpu")
+
+
+def test_a_store_index_or_config_that_convert_did_not_write_is_refused_by_name(mixtral):
+    _, _, store = mixtral
+    index_path = store / "moe-store.json"
+    index = json.loads(index_path.read_text())
+    for meta in ({}, None, {**index["meta"], "source": {}}, {**index["meta"], "dtype": "int7"}):
+        index_path.write_text(json.dumps({**index, "meta": meta}))
+        with pytest.raises(StoreError, match=r"moe-store\.json: .*(meta|dtype).*moe-offload convert"):
+            moe_offload.from_pretrained(store, device="cpu")
+    index_path.write_text(json.dumps(index))
+    (store / "config.json").write_text("{ not json")
+    reseal(store, "config.json")
+    with pytest.raises(StoreError, match=r"config\.json: is not a usable model config"):
+        moe_offload.from_pretrained(store, device="cpu")
+
+
+def test_a_checkpoint_that_is_not_one_is_named_with_what_to_do(mixtral, tmp_path, monkeypatch):
+    _, checkpoint, _ = mixtral
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoint, bare)
+    (bare / "config.json").unlink()
+    with pytest.raises(StoreError, match=r"bare: has no config\.json"):
+        moe_offload.convert(bare, tmp_path / "new-store")
+    monkeypatch.chdir(tmp_path)
+    hub_id = "mistralai/Mixtral-8x7B-v0.1"
+    hint = r"does not exist\. It looks like a Hugging Face Hub model id.*huggingface-cli download mistralai/"
+    with pytest.raises(StoreError, match=hint):
+        moe_offload.convert(hub_id, tmp_path / "new-store")
+    with pytest.raises(StoreError, match=hint):
+        moe_offload.from_pretrained(hub_id, device="cpu")
+    assert not (tmp_path / "new-store").exists()
+
+
+def test_converting_into_a_read_only_place_says_so(mixtral, tmp_path):
+    _, checkpoint, _ = mixtral
+    place = tmp_path / "read-only"
+    place.mkdir()
+    if os.geteuid() == 0:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(place)], capture_output=True
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    else:
+        place.chmod(0o555)
+    try:
+        with pytest.raises(
+            StoreError, match=r"store: cannot be written: .*read-only or not writable"
+        ) as info:
+            moe_offload.convert(checkpoint, place / "store")
+        assert "free" not in str(info.value)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(place)], check=True)
+        else:
+            place.chmod(0o755)
+
+
+def _hub_snapshot(checkpoint: Path, root: Path) -> Path:
+    """`checkpoint` as the Hub cache holds it: each file a link to a blob
+    named by its sha256 (weights, stored with LFS) or git blob id."""
+    blobs, snapshot = root / "blobs", root / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        data = path.read_bytes()
+        name = _hub_hash(path, data)
+        (blobs / name).write_bytes(data)
+        (snapshot / path.name).symlink_to(Path("../../blobs") / name)
+    return snapshot
+
+
+def _hub_hash(path: Path, data: bytes) -> str:
+    """What the Hub records for a file: the sha256 of a weights file (an LFS
+    object), the git blob id of any other."""
+    if path.suffix == ".safetensors":
+        return hashlib.sha256(data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _local_dir_download(checkpoint: Path, root: Path) -> Path:
+    """`checkpoint` as `huggingface-cli download --local-dir` leaves it: the
+    files, and per file its commit, hash and time under `.cache`."""
+    shutil.copytree(checkpoint, root)
+    metadata = root / ".cache" / "huggingface" / "download"
+    metadata.mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        data = path.read_bytes()
+        etag = _hub_hash(path, data)
+        (metadata / f"{path.name}.metadata").write_text(f"0123abcd\n{etag}\n{path.stat().st_mtime + 10}\n")
+    return root
+
+
+@pytest.mark.parametrize("layout", [_hub_snapshot, _local_dir_download])
+def test_convert_verifies_a_hub_download_against_its_recorded_hashes(mixtral, tmp_path, layout):
+    _, checkpoint, _ = mixtral
+    download = layout(checkpoint, tmp_path / "download")
+    moe_offload.convert(download, tmp_path / "verified", verify=True)
+    moe_offload.from_pretrained(tmp_path / "verified", device="cpu")
+    shard = (download / "model-00002-of-00013.safetensors").resolve()
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(
+        StoreError, match=r"model-00002-of-00013\.safetensors: its sha256 is .* Download it again"
+    ):
+        moe_offload.convert(download, tmp_path / "damaged", verify=True)
+    assert not (tmp_path / "damaged").exists()
+    # A checkpoint with no recorded hashes has nothing to verify against.
+    with pytest.raises(StoreError, match="nothing to verify it against"):
+        moe_offload.convert(checkpoint, tmp_path / "plain", verify=True)
+    # The command offers the same check.
+    from moe_offload.cli import main
+
+    assert main(["convert", str(download), str(tmp_path / "by-command"), "--verify"]) == 2
+    assert not (tmp_path / "by-command").exists()
+
+
 def test_a_missing_shard_is_named_before_anything_is_written(mixtral, tmp_path):
     _, checkpoint, _ = mixtral
     index = json.loads((checkpoint / "model.safetensors.index.json").read_text())
@@ -284,11 +453,7 @@ def test_a_store_that_disagrees_with_the_model_config_is_refused(mixtral):
     # config.json is part of the store: its size is checked too.
     with pytest.raises(StoreError, match=r"config\.json: is \d+ bytes"):
         moe_offload.from_pretrained(store, device="cpu")
-    index = json.loads((store / "moe-store.json").read_text())
-    for entry in index["files"]:
-        if entry["name"] == "config.json":
-            entry["bytes"] = (store / "config.json").stat().st_size
-    (store / "moe-store.json").write_text(json.dumps(index))
+    reseal(store, "config.json")  # as if the store had been converted for that config
     with pytest.raises(
         StoreError, match=r"layer-000\.bin: experts 0-7 of MoE layer 0 .* \[96, 32\].*\[80, 32\]"
     ):
@@ -361,7 +526,7 @@ moe_offload.convert(sys.argv[1], sys.argv[2])
 """
 
 
-def test_a_killed_conversion_leaves_a_store_that_is_refused_then_replaced(mixtral, tmp_path):
+def test_a_killed_conversion_leaves_no_store_and_the_next_one_clears_its_leftovers(mixtral, tmp_path):
     _, checkpoint, _ = mixtral
     store = tmp_path / "killed"
     result = subprocess.run(
@@ -370,19 +535,16 @@ def test_a_killed_conversion_leaves_a_store_that_is_refused_then_replaced(mixtra
         timeout=300,
     )
     assert result.returncode == -signal.SIGKILL
-    assert [p.name for p in store.iterdir()] == [f".partial-{_pid_of(store)}"]
-    with pytest.raises(StoreError, match="half-written expert store") as info:
+    assert not store.exists(), "a store appears only when it is complete"
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".killed"))
+    assert len(leftovers) == 2 and leftovers[0] == ".killed.lock", leftovers
+    assert leftovers[1].startswith(".killed.partial-"), "the staging directory beside the store"
+    with pytest.raises(StoreError, match="does not exist"):
         moe_offload.from_pretrained(store, device="cpu")
-    assert "moe-offload convert" in str(info.value)
     # Converting again (here on first use) clears the leftovers.
     model, _ = moe_offload.from_pretrained(checkpoint, device="cpu", store_dir=store)
-    assert not [p for p in store.iterdir() if p.name.startswith(".partial-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".killed")]
     generate(model, prompt("mixtral"))
-
-
-def _pid_of(store: Path) -> str:
-    [partial] = [p.name for p in store.iterdir()]
-    return partial.removeprefix(".partial-")
 
 
 def test_a_full_disk_is_a_clear_error_and_the_partial_output_is_removed(mixtral, tmp_path, monkeypatch):
@@ -403,7 +565,7 @@ def test_a_full_disk_is_a_clear_error_and_the_partial_output_is_removed(mixtral,
         assert "choose another directory" in str(info.value)
         assert not store.exists()
         # Past the up-front check, the disk filling up during writing is caught too.
-        monkeypatch.setattr(moe_offload.conversion, "_check_free_space", lambda *args: None)
+        monkeypatch.setattr(moe_offload.conversion, "_check_target", lambda *args: None)
         with pytest.raises(StoreError, match="no space left on the device") as info:
             moe_offload.convert(checkpoint, store)
         assert "partial output" in str(info.value)

@@ -15,13 +15,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     Concatenate,
@@ -36,7 +37,15 @@ from moe_offload._core import StoreError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
 _FINGERPRINT_SAMPLE = 64 << 10
+# `owner/name`, as Hub model ids are written.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Where `huggingface-cli download --local-dir` records what it downloaded.
+_LOCAL_DIR_METADATA = Path(".cache", "huggingface", "download")
+_HASH_CHUNK = 8 << 20
+# The safetensors format's own limit on its JSON header.
+_MAX_HEADER_BYTES = 100_000_000
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -84,33 +93,49 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             (header_len,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (size,)
             if 8 + header_len > size:
                 raise StoreError(f"{path}: is truncated (it ends inside its safetensors header)")
+            if header_len > _MAX_HEADER_BYTES:
+                raise ValueError(
+                    f"a {header_len} byte header, above the format's limit of {_MAX_HEADER_BYTES}"
+                )
             header = json.loads(f.read(header_len))
     except FileNotFoundError:
         raise StoreError(f"{path}: is missing") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise StoreError(f"{path}: is not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise StoreError(f"{path}: is not a readable safetensors file (its header is not a JSON object)")
     start = 8 + header_len
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        if entry["dtype"] not in DTYPES:
+        info = _tensor_info(path, name, entry, start)
+        end = info.offset + info.nbytes
+        if end > size:
             raise StoreError(
-                f"{path}: tensor {name} has dtype {entry['dtype']}, which moe-offload cannot read"
-            )
-        begin, end = entry["data_offsets"]
-        info = TensorInfo(path, name, DTYPES[entry["dtype"]], tuple(entry["shape"]), start + begin)
-        if end - begin != info.nbytes:
-            raise StoreError(
-                f"{path}: tensor {name} holds {end - begin} bytes, its shape needs {info.nbytes}"
-            )
-        if start + end > size:
-            raise StoreError(
-                f"{path}: is truncated: tensor {name} needs bytes {start + begin}..{start + end} but the "
+                f"{path}: is truncated: tensor {name} needs bytes {info.offset}..{end} but the "
                 f"file has {size} bytes. Download or copy the file again."
             )
         tensors[name] = info
     return tensors
+
+
+def _tensor_info(path: Path, name: str, entry: object, start: int) -> TensorInfo:
+    """One header entry, checked: dtype, shape and data offsets that agree."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
+        valid = isinstance(dtype, str) and isinstance(shape, list) and begin <= end
+        valid = valid and all(type(n) is int and n >= 0 for n in (*shape, begin, end))
+    except (KeyError, TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise StoreError(f"{path}: is not a readable safetensors file (bad header entry for {name})")
+    if dtype not in DTYPES:
+        raise StoreError(f"{path}: tensor {name} has dtype {dtype}, which moe-offload cannot read")
+    info = TensorInfo(path, name, DTYPES[dtype], tuple(shape), start + begin)
+    if end - begin != info.nbytes:
+        raise StoreError(f"{path}: tensor {name} holds {end - begin} bytes, its shape needs {info.nbytes}")
+    return info
 
 
 def read_range(path: Path, offset: int, out: torch.Tensor) -> None:
@@ -149,6 +174,13 @@ class Checkpoint:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if not self.path.is_dir():
+            raise StoreError(not_a_directory(self.path))
+        if not (self.path / CONFIG_FILE).is_file():
+            raise StoreError(
+                f"{self.path}: has no {CONFIG_FILE}, so it is not a Hugging Face checkpoint directory "
+                f"(moe-offload needs {CONFIG_FILE} and safetensors weights); pass the directory holding them"
+            )
         index = self.path / INDEX_FILE
         if index.is_file():
             try:
@@ -181,6 +213,41 @@ class Checkpoint:
                 "index places there. Download or copy the checkpoint again."
             )
 
+    def verify(self) -> list[Path]:
+        """Checks every file a conversion reads against the hash the Hugging
+        Face Hub recorded when it was downloaded (a cache snapshot links each
+        file to a blob named by its hash; `--local-dir` downloads keep it in
+        `.cache/huggingface/download/`). Returns the files checked; raises
+        `StoreError` for a file that differs, or for weights with no
+        recorded hash, since then there is nothing to check against."""
+        files = [*self.shards, self.path / CONFIG_FILE]
+        if (self.path / INDEX_FILE).is_file():
+            files.append(self.path / INDEX_FILE)
+        files += [
+            p for p in sorted(self.path.iterdir()) if p.is_file() and p not in files and is_side_file(p)
+        ]
+        checked = []
+        for path in files:
+            recorded = recorded_hash(self.path, path)
+            if recorded is None:
+                if path in self.shards:
+                    raise StoreError(
+                        f"{path}: has no hash recorded by a Hugging Face Hub download, so there is nothing "
+                        "to verify it against. Verification works on a Hub cache snapshot or a "
+                        "`huggingface-cli download --local-dir` directory; convert without verifying to "
+                        "trust the files as they are"
+                    )
+                continue
+            kind, expected = recorded
+            actual = file_hash(path, kind)
+            if actual != expected:
+                raise StoreError(
+                    f"{path}: its {kind} is {actual} but the Hub download recorded {expected}: the file was "
+                    "changed or damaged after downloading. Download it again."
+                )
+            checked.append(path)
+        return checked
+
     @staticmethod
     def looks_like_one(path: Path) -> bool:
         return (path / "config.json").is_file() and (
@@ -199,6 +266,75 @@ class Checkpoint:
                 f.seek(max(0, size - _FINGERPRINT_SAMPLE))
                 digest.update(f.read(_FINGERPRINT_SAMPLE))
         return digest.hexdigest()
+
+
+def not_a_directory(path: Path) -> str:
+    """Why `path` cannot be read, with a hint when it looks like a Hub id."""
+    if path.exists():
+        return f"{path}: is not a directory"
+    message = f"{path}: does not exist"
+    if _HUB_ID.fullmatch(str(path)):
+        message += (
+            f". It looks like a Hugging Face Hub model id; moe-offload reads local files only. Download it "
+            f"first (`huggingface-cli download {path} --local-dir DIR`, or "
+            f"`huggingface_hub.snapshot_download({str(path)!r})`), then pass the directory"
+        )
+    return message
+
+
+def load_config(directory: Path) -> PretrainedConfig:
+    """The model config in `directory`; a missing or unreadable config.json
+    is a `StoreError` naming it."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise StoreError(f"{path}: is missing")
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = " ".join(str(e).split())
+        raise StoreError(f"{path}: is not a usable model config ({reason})") from None
+
+
+def is_side_file(path: Path) -> bool:
+    """Whether a checkpoint file is copied into a store (not weights, not hidden)."""
+    weights = path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
+    return not path.name.startswith(".") and path.name != CONFIG_FILE and not weights
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def recorded_hash(checkpoint: Path, path: Path) -> tuple[str, str] | None:
+    """("sha256" or "git-sha1", hex digest) the Hub recorded for a downloaded
+    file: LFS files (weights) by their sha256, others by their git blob id."""
+    etag = None
+    if path.is_symlink() and path.resolve().parent.name == "blobs":
+        etag = path.resolve().name  # a cache snapshot: blobs are named by their hash
+    else:
+        metadata = checkpoint / _LOCAL_DIR_METADATA / f"{path.name}.metadata"
+        if metadata.is_file():
+            lines = metadata.read_text(errors="replace").splitlines()
+            etag = lines[1].strip() if len(lines) > 1 else None
+    if etag is None:
+        return None
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        return "sha256", etag
+    if re.fullmatch(r"[0-9a-f]{40}", etag):
+        return "git-sha1", etag
+    return None
+
+
+def file_hash(path: Path, kind: str) -> str:
+    """The file's sha256, or its git blob id (sha1 of a `blob SIZE\\0` header and the bytes)."""
+    if kind == "sha256":
+        digest = hashlib.sha256()
+    else:
+        digest = hashlib.sha1()
+        digest.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

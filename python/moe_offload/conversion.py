@@ -5,14 +5,17 @@ The store (see `rust/src/tiers/store`) holds every routed expert as one
 model's other weights (`non-experts.safetensors`, already under the model's
 parameter names), its config and tokenizer files. Experts are converted one
 at a time, so memory stays bounded by the largest tensor; the writer stages
-everything under a temporary name and moves it into place only when all of
-it is on disk, so an interrupted or failed conversion leaves no store that
-could be mistaken for a complete one.
+everything in a directory beside the store and swaps it in only when all of
+it is on disk, so the store's directory holds one complete store at every
+instant (the old one until the new one is whole). Every file gets a CRC-32
+in the store's index.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import struct
 import time
@@ -21,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from moe_offload._core import StoreError, StoreWriter
 from moe_offload._core import __version__ as version
 from moe_offload.adapters import ExpertBlock
-from moe_offload.checkpoint import DTYPES, Checkpoint, WeightMap
+from moe_offload.checkpoint import DTYPES, Checkpoint, WeightMap, is_side_file, load_config
 from moe_offload.progress import progress
 from moe_offload.sizes import format_size
 from moe_offload.skeleton import (
@@ -40,8 +43,6 @@ from moe_offload.skeleton import (
 STORE_INDEX = "moe-store.json"
 NON_EXPERTS = "non-experts.safetensors"
 BLOB_ALIGN = 4096
-# Checkpoint files that are weights (not copied into the store).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SAFETENSORS_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
@@ -71,25 +72,30 @@ def convert(
     *,
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
+    verify: bool = False,
     show_progress: bool | None = None,
 ) -> ConversionSummary:
     """Writes the expert store for the safetensors checkpoint in `checkpoint`
     into `store_dir`, converting weights to `dtype` (default: the config's).
+    With `verify`, first checks every checkpoint file against the hash its
+    Hugging Face Hub download recorded (see `Checkpoint.verify`).
 
     Raises `StoreError` naming the file at fault for a missing or damaged
     shard, a checkpoint that does not match its config, a directory that
-    already holds something (unless `overwrite`) or a disk too small; no
-    partial output is left behind."""
+    already holds something (unless `overwrite`), a place that cannot be
+    written or a disk too small; no partial output is left behind."""
     started = time.perf_counter()
     source = Checkpoint(checkpoint)
-    config = AutoConfig.from_pretrained(source.path)
+    config = load_config(source.path)
     dtype = resolve_dtype(dtype, config)
     model = build_skeleton(config, dtype)
     blocks = expert_blocks(model)
     weights = WeightMap(model, source)
     store_dir = Path(store_dir)
     non_experts = _non_expert_specs(model, blocks)
-    _check_free_space(store_dir, blocks, non_experts, source.path)
+    _check_target(store_dir, blocks, non_experts, source.path)
+    if verify:
+        source.verify()
     meta = {
         "dtype": dtype_name(dtype),
         "architectures": getattr(config, "architectures", None),
@@ -128,13 +134,22 @@ def _non_expert_specs(model: PreTrainedModel, blocks: list[ExpertBlock]) -> dict
     return {n: t for n, t in model.state_dict().items() if n not in experts and n not in tied}
 
 
-def _check_free_space(
+def _check_target(
     store_dir: Path, blocks: list[ExpertBlock], non_experts: dict[str, torch.Tensor], source: Path
 ) -> None:
+    """The store is built beside `store_dir` and swapped in: its parent (or
+    the nearest existing ancestor) must be writable and have room."""
     blobs = sum(BLOB_ALIGN + b.num_experts * -(-b.expert_bytes // BLOB_ALIGN) * BLOB_ALIGN for b in blocks)
     others = sum(t.numel() * t.element_size() for t in non_experts.values())
     needed = blobs + others
-    existing = next(p for p in (store_dir, *store_dir.parents) if p.exists())
+    absolute = Path(os.path.abspath(store_dir))
+    # `/` has no parent: the writer refuses it by name.
+    existing = next((p for p in absolute.parents if p.exists()), absolute)
+    if not os.access(existing, os.W_OK | os.X_OK) or _read_only(existing):
+        raise StoreError(
+            f"{store_dir}: cannot be written: {existing} is read-only or not writable by this user (the "
+            "store is built beside its directory and moved into place). Choose another directory."
+        )
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise StoreError(
@@ -143,7 +158,18 @@ def _check_free_space(
         )
 
 
-def _write_side_files(source: Path, writer: StoreWriter, config: AutoConfig, dtype: torch.dtype) -> None:
+def _read_only(directory: Path) -> bool:
+    """Whether `directory` is on a read-only filesystem (which `os.access`
+    does not tell root)."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        return e.errno == errno.EROFS
+
+
+def _write_side_files(
+    source: Path, writer: StoreWriter, config: PretrainedConfig, dtype: torch.dtype
+) -> None:
     """The config (with the store's dtype) and every non-weight file of the
     checkpoint (generation config, tokenizer)."""
     staging = Path(writer.partial_dir)
@@ -151,13 +177,9 @@ def _write_side_files(source: Path, writer: StoreWriter, config: AutoConfig, dty
     config.to_json_file(staging / "config.json")
     writer.add_file("config.json")
     for path in sorted(source.iterdir()):
-        name = path.name
-        if not path.is_file() or name.startswith(".") or name == "config.json":
-            continue
-        if name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-            continue
-        shutil.copyfile(path, staging / name)
-        writer.add_file(name)
+        if path.is_file() and is_side_file(path):
+            shutil.copyfile(path, staging / path.name)
+            writer.add_file(path.name)
 
 
 def _write_non_experts(
@@ -189,7 +211,8 @@ def _write_non_experts(
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + "; it does not match its config"
         )
-    writer.add_file(NON_EXPERTS)
+    # Read tensor by tensor when loading: that reader checks its CRC-32.
+    writer.add_file(NON_EXPERTS, checked_by_reader=True)
 
 
 def write_safetensors(

@@ -15,26 +15,36 @@ import json
 import logging
 import os
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import PreTrainedModel
 
-from moe_offload._core import BudgetError, ExpertStore, MoeOffloadError, StoreError
+from moe_offload._core import BudgetError, ExpertStore, StoreError
 from moe_offload.adapters import ExpertBlock
-from moe_offload.checkpoint import Checkpoint, WeightMap, read_safetensors_header, read_tensor
+from moe_offload.checkpoint import (
+    Checkpoint,
+    TensorInfo,
+    WeightMap,
+    load_config,
+    not_a_directory,
+    read_range,
+    read_safetensors_header,
+)
 from moe_offload.conversion import NON_EXPERTS, STORE_INDEX, convert
 from moe_offload.offloader import (
-    POLICIES,
     SLOT_ALIGN,
     Offloader,
     StoreBacking,
     _patch,
     abandon_patch,
+    check_arguments,
     load_every_expert_that_fits,
+    resolve_device,
 )
 from moe_offload.progress import progress
 from moe_offload.sizes import format_size, parse_size
@@ -86,12 +96,20 @@ def from_pretrained(
     Returns the model and its `Offloader`. Raises `StoreError` for a missing,
     truncated or mismatched file (naming it), `BudgetError` when
     `host_budget` cannot hold one token's experts of one MoE layer."""
-    if policy not in POLICIES:
-        raise MoeOffloadError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    check_arguments(
+        device_budget=device_budget,
+        host_budget=host_budget,
+        policy=policy,
+        eamc_path=eamc_path,
+        eamc_capacity=eamc_capacity,
+        prefetch_depth=prefetch_depth,
+        io_workers=io_workers,
+        show_progress=show_progress,
+    )
     target = _target_device(device)
     path = Path(path)
     checkpoint, store = _locate(path, store_dir, dtype, show_progress)
-    config = AutoConfig.from_pretrained(store.path if store is not None else path)
+    config = load_config(Path(store.path) if store is not None else path)
     if store is not None:
         stored = _meta(store)["dtype"]
         if dtype is not None and dtype_name(resolve_dtype(dtype, config)) != stored:
@@ -105,7 +123,7 @@ def from_pretrained(
     if store is not None:
         _check_index(store, blocks)
         source_name = str(Path(store.path) / NON_EXPERTS)
-        tensors = _stored_non_experts(Path(source_name))
+        tensors = _stored_non_experts(Path(source_name), _non_experts_crc32(store))
     else:
         assert checkpoint is not None
         weights = WeightMap(model, checkpoint)
@@ -152,7 +170,7 @@ def _locate(
     """(checkpoint to read in place, None) or (None, opened expert store);
     converts the checkpoint into `store_dir` first when that is empty."""
     if not path.exists():
-        raise StoreError(f"{path}: does not exist")
+        raise StoreError(not_a_directory(path))
     if not Checkpoint.looks_like_one(path):
         return None, ExpertStore.open(path)  # which says what is wrong with it, if anything
     checkpoint = Checkpoint(path)
@@ -177,22 +195,56 @@ def _has_content(directory: Path) -> bool:
     return directory.is_dir() and any(not p.name.startswith(".partial-") for p in directory.iterdir())
 
 
+# What `convert` records in the index's `meta`, and the type of each.
+_META_FIELDS = {"dtype": str, "source": dict, "non_experts": str}
+
+
 def _meta(store: ExpertStore) -> dict:
-    return json.loads(store.index_json())["meta"]
+    """The index's description of the model, checked: a store written by
+    something else (or an index edited by hand) is a `StoreError`."""
+    meta = json.loads(store.index_json())["meta"]
+    problem = None
+    if not isinstance(meta, dict):
+        problem = "has no meta object"
+    else:
+        wrong = [k for k, kind in _META_FIELDS.items() if not isinstance(meta.get(k), kind)]
+        source = meta.get("source")
+        if wrong:
+            problem = f"has no valid meta.{wrong[0]}"
+        elif not all(isinstance(source.get(k), str) for k in ("path", "fingerprint")):
+            problem = "has no valid meta.source (path and fingerprint of the checkpoint)"
+        elif meta["dtype"] not in _DTYPE_NAMES:
+            problem = f"names dtype {meta['dtype']!r}, which is not a torch floating-point dtype"
+    if problem is not None:
+        index = Path(store.path) / STORE_INDEX
+        raise StoreError(
+            f"{index}: {problem}, so it was not written by `moe-offload convert`; convert the checkpoint "
+            f"again: moe-offload convert CHECKPOINT {store.path} --overwrite"
+        )
+    return meta
+
+
+_DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2"}
+
+
+def _non_experts_crc32(store: ExpertStore) -> int:
+    """The CRC-32 the index records for the non-expert weights, which their
+    reader checks (the store checks the other small files at open)."""
+    files = json.loads(store.index_json())["files"]
+    entry = next((f for f in files if f["name"] == NON_EXPERTS and f["check"] == "reader"), None)
+    if entry is None:
+        raise StoreError(
+            f"{Path(store.path) / STORE_INDEX}: lists no checksummed {NON_EXPERTS}; convert the checkpoint "
+            f"again: moe-offload convert CHECKPOINT {store.path} --overwrite"
+        )
+    return entry["crc32"]
 
 
 def _target_device(device: str | torch.device | None) -> torch.device:
+    """`device`, checked as `patch` checks it; by default CUDA when available, else the CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise MoeOffloadError(f"device={device!r} is not a device: {e}") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise MoeOffloadError(f"device={str(target)!r} was asked for but torch sees no CUDA device")
-    if target.type == "cuda" and target.index is None:
-        target = torch.device("cuda", torch.cuda.current_device())
-    return target
+    return resolve_device(device)
 
 
 def _check_index(store: ExpertStore, blocks: list[ExpertBlock]) -> None:
@@ -208,7 +260,8 @@ def _check_index(store: ExpertStore, blocks: list[ExpertBlock]) -> None:
     for layer, (entry, block) in enumerate(zip(layers, blocks, strict=True)):
         expected = [(s.name, dtype_name(s.dtype), list(s.shape), s.offset) for s in block.specs]
         found = [(t["name"], t["dtype"], t["shape"], t["offset"]) for t in entry["tensors"]]
-        if entry["name"] != block.name or len(entry["blobs"]) != block.num_experts or found != expected:
+        same_blobs = len(entry["blobs"]) == block.num_experts and entry["blob_bytes"] == block.expert_bytes
+        if entry["name"] != block.name or not same_blobs or found != expected:
             raise StoreError(
                 f"{store_path / entry['file']}: experts 0-{len(entry['blobs']) - 1} of MoE layer {layer} "
                 f"({entry['name']}) hold {_describe(found)}, but the model config needs "
@@ -253,9 +306,41 @@ def _store_in_place(checkpoint: Checkpoint, weights: WeightMap, blocks: list[Exp
     return ExpertStore.from_extents(checkpoint.path, [str(f) for f in files], layers, extents)
 
 
-def _stored_non_experts(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, info in read_safetensors_header(path).items():
-        yield name, read_tensor(info)
+def _stored_non_experts(path: Path, crc32: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """The store's non-expert weights, read in file order; their CRC-32 runs
+    over every byte read (header and gaps included), and a mismatch raises
+    once the last one is read, before the model is handed out."""
+    tensors = sorted(read_safetensors_header(path).values(), key=lambda info: info.offset)
+    crc = 0
+    position = 0
+    for info in tensors:
+        crc = _crc_of_range(path, position, info.offset, crc)
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        read_range(path, info.offset, raw)
+        crc = zlib.crc32(memoryview(raw.numpy()), crc)
+        position = max(position, info.offset + info.nbytes)
+        yield info.name, _typed(raw, info)
+    crc = _crc_of_range(path, position, path.stat().st_size, crc)
+    if crc != crc32:
+        raise StoreError(
+            f"{path}: checksum mismatch: expected {crc32:08x}, read {crc:08x}; the non-expert weights were "
+            f"changed or damaged. Convert the checkpoint again: moe-offload convert CHECKPOINT {path.parent} "
+            "--overwrite"
+        )
+
+
+def _crc_of_range(path: Path, start: int, end: int, crc: int) -> int:
+    """`crc` continued over bytes start..end of `path` (the header, or bytes
+    between tensors)."""
+    if end <= start:
+        return crc
+    raw = torch.empty(end - start, dtype=torch.uint8)
+    read_range(path, start, raw)
+    return zlib.crc32(memoryview(raw.numpy()), crc)
+
+
+def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    return raw.view(info.dtype).reshape(info.shape)
 
 
 def _converted_non_experts(weights: WeightMap, experts: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -385,4 +470,3 @@ def _preload(offloader: Offloader, blocks: list[ExpertBlock], show_progress: boo
             chunk = pairs[start : start + _PRELOAD_CHUNK]
             offloader.cache.preload(chunk)
             bar.update(sum(blocks[layer].expert_bytes for layer, _ in chunk))
-    offloader.reset_stats()

@@ -168,8 +168,12 @@ impl PyStoreWriter {
         py.detach(|| self.with_writer(|w| w.write_expert(layer, expert, bytes)))
     }
 
-    fn add_file(&self, name: &str) -> PyResult<()> {
-        self.with_writer(|w| w.add_file(name))
+    /// Registers a file written into `partial_dir`; its CRC-32 is checked
+    /// when the store is opened, or, with `checked_by_reader`, by whoever
+    /// reads it (the caller's reader must then check it).
+    #[pyo3(signature = (name, checked_by_reader=false))]
+    fn add_file(&self, name: &str, checked_by_reader: bool) -> PyResult<()> {
+        self.with_writer(|w| w.add_file(name, checked_by_reader))
     }
 
     /// Syncs, writes the index, moves the store into place. Returns

@@ -12,7 +12,8 @@ pub struct StoreIndex {
     pub store_id: u64,
     /// One entry per MoE layer, in the model's execution order.
     pub layers: Vec<LayerIndex>,
-    /// Every file of the store but the index, with its size in bytes.
+    /// Every file of the store but the index: its size, and how its bytes
+    /// are checked.
     pub files: Vec<FileEntry>,
     /// The caller's description of the model (configuration, dtype, source
     /// checkpoint); the core stores it without looking inside.
@@ -53,9 +54,29 @@ pub struct BlobIndex {
     pub crc32: u32,
 }
 
-/// A file of the store and the size it must have.
+/// A file of the store, the size it must have and how its bytes are checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     pub name: String,
     pub bytes: u64,
+    /// CRC-32 of the whole file (for [`FileCheck::Open`] and
+    /// [`FileCheck::Reader`]; a layer file's blobs carry their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
+    pub check: FileCheck,
+}
+
+/// When a file's bytes are verified, so that every byte the store serves is
+/// covered by a checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileCheck {
+    /// A layer file: its header is checked at open, each blob's CRC-32 when
+    /// the blob is read.
+    Blobs,
+    /// A small file (config, tokenizer): its CRC-32 is checked at open.
+    Open,
+    /// A large file read by the caller (the non-expert weights): the caller
+    /// checks its CRC-32 over the bytes as it reads them.
+    Reader,
 }

@@ -9,22 +9,25 @@
 //! ...              of the expert's tensors back to back, exactly as a device
 //!                  slot holds them (so a blob is copied verbatim)
 //! other files      registered by the writer (config, non-expert weights): the
-//!                  index records their sizes, so truncation is detected
+//!                  index records their sizes and CRC-32s
 //! ```
 //!
 //! The index names, per layer, the module, the tensors (names, dtypes,
 //! shapes, offsets inside the blob) and, per expert, the blob's file offset
-//! and CRC-32. Each blob file's header carries a magic, the format version,
-//! the layer and the store's id, so a foreign file or one from another store
-//! is refused. Reads ([`ExpertStore`]) use direct I/O where the filesystem
-//! supports it; writes ([`StoreWriter`]) go to temporary names and are renamed
-//! into place, index last, only once everything is on disk.
+//! and CRC-32; per other file its size, CRC-32 and when it is checked
+//! ([`FileCheck`]): every byte the store serves is covered by a checksum.
+//! Each blob file's header carries a magic, the format version, the layer
+//! and the store's id, so a foreign file or one from another store is
+//! refused. Reads ([`ExpertStore`]) use direct I/O where the filesystem
+//! supports it; writes ([`StoreWriter`]) go to a staging directory beside
+//! the store that is swapped in whole once everything is on disk.
 
+mod commit;
 mod index;
 mod reader;
 mod writer;
 
-pub use index::{BlobIndex, FileEntry, LayerIndex, StoreIndex, TensorIndex};
+pub use index::{BlobIndex, FileCheck, FileEntry, LayerIndex, StoreIndex, TensorIndex};
 pub use reader::{ExpertStore, Extent};
 pub use writer::{LayerSpec, StoreSummary, StoreWriter};
 
@@ -34,11 +37,13 @@ use crate::error::CoreError;
 pub const INDEX_FILE: &str = "moe-store.json";
 /// `format` field of every index.
 pub const FORMAT: &str = "moe-offload-expert-store";
-/// The format version this build reads and writes.
-pub const VERSION: u32 = 1;
+/// The format version this build reads and writes (2: every file has a
+/// checksum).
+pub const VERSION: u32 = 2;
 /// Bytes before a layer file's first blob.
 pub const HEADER_BYTES: u64 = 4096;
-/// Prefix of the directories a writer stages its files in.
+/// Prefix of the staging directories that writers before format version 2
+/// left inside a store's directory.
 pub const PARTIAL_PREFIX: &str = ".partial-";
 
 const MAGIC: [u8; 8] = *b"MOEXSTOR";
@@ -95,9 +100,9 @@ fn store_error(path: impl AsRef<std::path::Path>, reason: impl Into<String>) -> 
     }
 }
 
-/// `n` rounded up to a multiple of `align` (a power of two).
+/// `n` rounded up to a multiple of `align` (a power of two), saturating.
 fn align_to(n: u64, align: u64) -> u64 {
-    n.div_ceil(align) * align
+    n.div_ceil(align).saturating_mul(align)
 }
 
 #[cfg(test)]
@@ -129,3 +134,6 @@ mod tests {
 
 #[cfg(test)]
 mod round_trip_tests;
+
+#[cfg(test)]
+mod fuzz_tests;

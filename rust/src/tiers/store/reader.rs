@@ -2,11 +2,15 @@
 //!
 //! A store opened from its index ([`ExpertStore::open`]) is checked before
 //! anything is read: every file present with the size the index records,
-//! every layer file's header ours, every blob aligned and inside its file.
-//! Each read verifies the blob's CRC-32. A plain checkpoint whose layout
-//! already keeps each expert's tensors in contiguous byte ranges can be read
-//! in place ([`ExpertStore::from_extents`]): same reader, no checksums.
-//! Nothing here ever writes to the files.
+//! every small file's CRC-32, every layer file's header ours, every blob
+//! aligned and inside its file. Each read verifies the blob's CRC-32. A
+//! damaged index (or a hostile one) is refused as such: names must be plain
+//! file names, sizes and offsets are checked without overflow, and nothing
+//! is allocated from a size the index states. A plain checkpoint whose
+//! layout already keeps each expert's tensors in contiguous byte ranges can
+//! be read in place ([`ExpertStore::from_extents`]): same reader, no
+//! checksums (the checkpoint is trusted). Nothing here ever writes to the
+//! files.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -14,9 +18,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::writer::file_crc32;
 use super::{
-    align_to, layer_file_name, store_error, FileHeader, StoreIndex, FORMAT, HEADER_BYTES,
-    INDEX_FILE, PARTIAL_PREFIX, VERSION,
+    layer_file_name, store_error, FileCheck, FileEntry, FileHeader, LayerIndex, StoreIndex, FORMAT,
+    HEADER_BYTES, INDEX_FILE, PARTIAL_PREFIX, VERSION,
 };
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
@@ -114,54 +119,38 @@ impl ExpertStore {
     /// Opens the store in `dir` and checks it (see the module doc).
     pub fn open(dir: &Path) -> Result<Self> {
         let index = read_index(dir)?;
+        check_names(dir, &index)?;
+        for entry in &index.files {
+            check_file(dir, entry)?;
+        }
         let mut files = Vec::new();
         let mut blobs = Vec::new();
         let mut layers = Vec::with_capacity(index.layers.len());
-        for entry in &index.files {
-            let path = dir.join(&entry.name);
-            let size = std::fs::metadata(&path)
-                .map_err(|_| store_error(&path, missing_file(dir)))?
-                .len();
-            if size != entry.bytes {
-                return Err(store_error(
-                    &path,
-                    format!(
-                        "is {size} bytes but the store's index says {}: the file was truncated or replaced. {}",
-                        entry.bytes,
-                        reconvert(dir)
-                    ),
-                ));
-            }
-        }
         for (l, layer) in index.layers.iter().enumerate() {
-            let path = dir.join(&layer.file);
-            if !index.files.iter().any(|f| f.name == layer.file) {
-                return Err(store_error(
-                    dir.join(INDEX_FILE),
-                    format!(
-                        "names {} for MoE layer {l} but lists no such file",
-                        layer.file
-                    ),
-                ));
-            }
-            let file = StoreFile::open(&path, true)?;
+            let file = StoreFile::open(&dir.join(&layer.file), true)?;
             check_header(&file, l, index.store_id)?;
-            check_layer_geometry(&file, l, layer)?;
+            let stride = check_layer_geometry(&file, l, layer)?;
             let file_id = files.len() as u32;
             blobs.extend(layer.blobs.iter().map(|b| Blob {
                 extents: vec![Extent {
                     file: file_id,
                     offset: b.offset,
-                    len: layer.stride,
+                    len: stride,
                     dst: 0,
                 }],
                 checksum: Some((layer.blob_bytes, b.crc32)),
             }));
             files.push(file);
-            layers.push((layer.blobs.len() as u32, layer.blob_bytes as usize));
+            let experts = u32::try_from(layer.blobs.len()).map_err(|_| {
+                store_error(
+                    dir.join(INDEX_FILE),
+                    format!("MoE layer {l} lists too many experts"),
+                )
+            })?;
+            layers.push((experts, layer.blob_bytes as usize));
         }
         let layout = ExpertLayout::new(&layers)
-            .map_err(|e| store_error(dir.join(INDEX_FILE), e.to_string()))?;
+            .map_err(|e| store_error(dir.join(INDEX_FILE), format!("is damaged: {e}")))?;
         Ok(Self {
             root: dir.to_path_buf(),
             files,
@@ -341,19 +330,34 @@ impl ExpertStore {
     }
 }
 
+/// Far above the index of the largest model (DeepSeek-V3's is under 2 MB):
+/// a larger file is not read into memory.
+const MAX_INDEX_BYTES: u64 = 64 << 20;
+
 /// The index of the store in `dir`, or an error saying what `dir` is instead.
 fn read_index(dir: &Path) -> Result<StoreIndex> {
     if !dir.is_dir() {
         return Err(store_error(dir, "is not a directory"));
     }
     let path = dir.join(INDEX_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
+    let size = match std::fs::metadata(&path) {
+        Ok(meta) => meta.len(),
         Err(e) if e.kind() == ErrorKind::NotFound => {
             return Err(store_error(dir, missing_index(dir)));
         }
         Err(e) => return Err(store_error(&path, format!("cannot be read: {e}"))),
     };
+    if size > MAX_INDEX_BYTES {
+        return Err(store_error(
+            &path,
+            format!(
+                "is {size} bytes, more than any store index ({MAX_INDEX_BYTES}); the store is damaged. {}",
+                reconvert(dir)
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| store_error(&path, format!("cannot be read ({e}). {}", reconvert(dir))))?;
     let index: StoreIndex = serde_json::from_str(&text).map_err(|e| {
         store_error(
             &path,
@@ -427,14 +431,100 @@ fn check_header(file: &StoreFile, layer: usize, store_id: u64) -> Result<()> {
     Ok(())
 }
 
-fn check_layer_geometry(file: &StoreFile, l: usize, layer: &super::LayerIndex) -> Result<()> {
-    let bad = |reason: String| Err(store_error(&file.path, reason));
-    if layer.blob_bytes == 0 || layer.stride != align_to(layer.blob_bytes, BLOB_ALIGN as u64) {
-        return bad(format!(
-            "MoE layer {l}: blobs of {} bytes with a stride of {} (expected the size rounded up to 4 KiB)",
-            layer.blob_bytes, layer.stride
+/// Every file the index names is a plain name inside the store, listed
+/// once, and each layer's file is listed as a blob file.
+fn check_names(dir: &Path, index: &StoreIndex) -> Result<()> {
+    let damaged = |reason: String| {
+        Err(store_error(
+            dir.join(INDEX_FILE),
+            format!("is damaged: {reason}. {}", reconvert(dir)),
+        ))
+    };
+    let mut seen = std::collections::HashSet::new();
+    for entry in &index.files {
+        let plain = !entry.name.is_empty()
+            && !entry.name.contains(['/', '\0'])
+            && entry.name != "."
+            && entry.name != ".."
+            && entry.name != INDEX_FILE;
+        if !plain {
+            return damaged(format!("it lists a file named {:?}", entry.name));
+        }
+        if !seen.insert(entry.name.as_str()) {
+            return damaged(format!("it lists {} twice", entry.name));
+        }
+        if entry.check != FileCheck::Blobs && entry.crc32.is_none() {
+            return damaged(format!("it records no checksum for {}", entry.name));
+        }
+    }
+    let mut layer_files = std::collections::HashSet::new();
+    for (l, layer) in index.layers.iter().enumerate() {
+        let listed = index
+            .files
+            .iter()
+            .any(|f| f.name == layer.file && f.check == FileCheck::Blobs);
+        if !listed || !layer_files.insert(layer.file.as_str()) {
+            return damaged(format!(
+                "it names {:?} for MoE layer {l} but lists no such blob file (or names it twice)",
+                layer.file
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A file of the store has the size the index records and, when it is
+/// checked at open, the CRC-32.
+fn check_file(dir: &Path, entry: &FileEntry) -> Result<()> {
+    let path = dir.join(&entry.name);
+    let file = File::open(&path).map_err(|e| match e.kind() {
+        ErrorKind::NotFound => store_error(&path, missing_file(dir)),
+        _ => store_error(&path, format!("cannot be opened: {e}")),
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|e| store_error(&path, format!("cannot be inspected: {e}")))?
+        .len();
+    if size != entry.bytes {
+        return Err(store_error(
+            &path,
+            format!(
+                "is {size} bytes but the store's index says {}: the file was truncated or replaced. {}",
+                entry.bytes,
+                reconvert(dir)
+            ),
         ));
     }
+    let (Some(expected), FileCheck::Open) = (entry.crc32, entry.check) else {
+        return Ok(());
+    };
+    let (_, actual) =
+        file_crc32(file).map_err(|e| store_error(&path, format!("cannot be read: {e}")))?;
+    if actual != expected {
+        return Err(store_error(
+            &path,
+            format!(
+                "checksum mismatch: expected {expected:08x}, read {actual:08x}; the file was changed or damaged. {}",
+                reconvert(dir)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks where a layer's blobs lie; returns the stride.
+fn check_layer_geometry(file: &StoreFile, l: usize, layer: &LayerIndex) -> Result<u64> {
+    let bad = |reason: String| Err(store_error(&file.path, reason));
+    let stride = layer
+        .blob_bytes
+        .checked_next_multiple_of(BLOB_ALIGN as u64)
+        .filter(|&stride| layer.blob_bytes > 0 && stride == layer.stride && stride <= file.size);
+    let Some(stride) = stride else {
+        return bad(format!(
+            "MoE layer {l}: blobs of {} bytes with a stride of {} (expected the size rounded up to 4 KiB, within the file's {} bytes)",
+            layer.blob_bytes, layer.stride, file.size
+        ));
+    };
     for (expert, blob) in layer.blobs.iter().enumerate() {
         if blob.offset < HEADER_BYTES || blob.offset % BLOB_ALIGN as u64 != 0 {
             return bad(format!(
@@ -442,14 +532,18 @@ fn check_layer_geometry(file: &StoreFile, l: usize, layer: &super::LayerIndex) -
                 blob.offset
             ));
         }
-        if blob.offset + layer.stride > file.size {
+        let end = blob
+            .offset
+            .checked_add(stride)
+            .filter(|&end| end <= file.size);
+        if end.is_none() {
             return bad(format!(
                 "is truncated: expert {expert} of MoE layer {l} needs bytes {}..{} but the file has {} bytes",
                 blob.offset,
-                blob.offset + layer.stride,
+                blob.offset.saturating_add(stride),
                 file.size
             ));
         }
     }
-    Ok(())
+    Ok(stride)
 }

@@ -38,7 +38,7 @@ fn write_store(dir: &Path) -> StoreSummary {
     let mut writer =
         StoreWriter::create(dir, specs(), serde_json::json!({"model": "test"}), false).unwrap();
     fs::write(writer.partial_dir().join("config.json"), b"{}").unwrap();
-    writer.add_file("config.json").unwrap();
+    writer.add_file("config.json", false).unwrap();
     for (l, &(experts, _)) in LAYERS.iter().enumerate() {
         for e in 0..experts as usize {
             writer.write_expert(l, e, &blob(l, e)).unwrap();
@@ -212,42 +212,57 @@ fn a_blob_file_of_another_store_is_refused() {
     assert!(text.contains("another store"), "{text}");
 }
 
-#[test]
-fn an_unfinished_writer_leaves_nothing_behind() {
-    let (_root, dir) = store_dir();
-    let mut writer = StoreWriter::create(&dir, specs(), serde_json::Value::Null, false).unwrap();
-    writer.write_expert(0, 0, &blob(0, 0)).unwrap();
-    assert!(dir.exists());
-    drop(writer);
-    assert!(!dir.exists(), "the directory it created is removed again");
-    // One that is not dropped (a crash) leaves only an index-less directory.
-    let existing = tempfile::tempdir().unwrap();
-    let writer =
-        StoreWriter::create(existing.path(), specs(), serde_json::Value::Null, false).unwrap();
-    let partial = writer.partial_dir().to_path_buf();
-    std::mem::forget(writer);
-    let text = message(ExpertStore::open(existing.path()));
-    assert!(text.contains("half-written"), "{text}");
-    // A later writer clears what a dead process left and starts afresh.
-    fs::rename(
-        &partial,
-        existing.path().join(format!("{PARTIAL_PREFIX}2147483646")),
-    )
-    .unwrap();
-    let mut writer =
-        StoreWriter::create(existing.path(), specs(), serde_json::Value::Null, false).unwrap();
+fn write_experts(writer: &mut StoreWriter) {
     for (l, &(experts, _)) in LAYERS.iter().enumerate() {
         for e in 0..experts as usize {
             writer.write_expert(l, e, &blob(l, e)).unwrap();
         }
     }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn an_unfinished_writer_leaves_nothing_behind() {
+    let (root, dir) = store_dir();
+    let mut writer = StoreWriter::create(&dir, specs(), serde_json::Value::Null, false).unwrap();
+    writer.write_expert(0, 0, &blob(0, 0)).unwrap();
+    assert!(!dir.exists(), "the store appears only when it is complete");
+    drop(writer);
+    assert_eq!(
+        names(root.path()),
+        Vec::<String>::new(),
+        "staging and lock are removed"
+    );
+    // One that is not dropped (a crash) leaves a staging directory beside
+    // the store, and no store: a directory that existed is left as it was.
+    fs::create_dir(&dir).unwrap();
+    let writer = StoreWriter::create(&dir, specs(), serde_json::Value::Null, false).unwrap();
+    let partial = writer.partial_dir().to_path_buf();
+    std::mem::forget(writer);
+    assert!(partial.is_dir() && partial.parent() == dir.parent());
+    assert_eq!(names(&dir), Vec::<String>::new());
+    assert!(message(ExpertStore::open(&dir)).contains("not a moe-offload expert store"));
+    // A later writer clears what a dead process left and starts afresh
+    // (the lock of the forgotten writer is this process's: free it first).
+    fs::remove_file(root.path().join(".store.lock")).unwrap();
+    let mut writer = StoreWriter::create(&dir, specs(), serde_json::Value::Null, false).unwrap();
+    write_experts(&mut writer);
     writer.finish().unwrap();
     assert_eq!(
-        fs::read_dir(existing.path()).unwrap().count(),
-        3,
-        "index and two layer files"
+        names(root.path()),
+        ["store"],
+        "leftovers, staging and lock are gone"
     );
-    assert!(ExpertStore::open(existing.path()).is_ok());
+    assert_eq!(names(&dir).len(), 3, "index and two layer files");
+    assert!(ExpertStore::open(&dir).is_ok());
 }
 
 #[test]
@@ -261,7 +276,7 @@ fn finishing_with_an_expert_unwritten_is_refused() {
 
 #[test]
 fn a_store_is_replaced_only_when_asked() {
-    let (_root, dir) = store_dir();
+    let (root, dir) = store_dir();
     write_store(&dir);
     let text = message(StoreWriter::create(
         &dir,
@@ -276,17 +291,32 @@ fn a_store_is_replaced_only_when_asked() {
     );
     let mut writer =
         StoreWriter::create(&dir, specs(), serde_json::json!({"model": "new"}), true).unwrap();
-    for (l, &(experts, _)) in LAYERS.iter().enumerate() {
-        for e in 0..experts as usize {
-            writer.write_expert(l, e, &blob(l, e)).unwrap();
-        }
-    }
+    write_experts(&mut writer);
+    assert_eq!(
+        ExpertStore::open(&dir).unwrap().index().unwrap().meta["model"],
+        "test",
+        "until the new store is finished, the old one is in place"
+    );
     writer.finish().unwrap();
     let store = ExpertStore::open(&dir).unwrap();
     assert_eq!(store.index().unwrap().meta["model"], "new");
     assert!(
         !dir.join("config.json").exists(),
         "files of the old store are removed"
+    );
+    assert_eq!(names(root.path()), ["store"], "the old store is gone");
+}
+
+#[test]
+fn a_changed_small_file_is_refused_at_open() {
+    let (_root, dir) = store_dir();
+    write_store(&dir);
+    // Same size, other bytes: only the checksum can tell.
+    fs::write(dir.join("config.json"), b"[]").unwrap();
+    let text = message(ExpertStore::open(&dir));
+    assert!(
+        text.contains("config.json") && text.contains("checksum mismatch"),
+        "{text}"
     );
 }
 

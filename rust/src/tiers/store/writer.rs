@@ -1,25 +1,27 @@
 //! Writing a store: [`StoreWriter`].
 //!
-//! Crash safety: everything is written into a staging directory
-//! `DIR/.partial-PID/` (blob files preallocated, so a full disk fails at the
-//! start); [`finish`](StoreWriter::finish) syncs every file, writes the index,
-//! and renames the files into `DIR`, the index last. A store without its
-//! index is never used (the reader refuses it), so a crash at any point
-//! leaves either the previous state or a detectably incomplete one. A writer
+//! Crash safety: everything is written into a staging directory beside the
+//! store (see [`commit`](super::commit)); blob files are preallocated, so a
+//! full disk fails at the start. [`finish`](StoreWriter::finish) syncs every
+//! file, checksums the files the caller added, writes the index and swaps
+//! the staging directory with the store's in one rename, so the directory
+//! always holds one complete store (or, before the first, none). A writer
 //! dropped before `finish` (an error, an interrupt) removes its staging
-//! directory, and `DIR` too when it created it.
+//! directory; one that is killed leaves it to the next writer, which removes
+//! it.
 
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::commit::Staging;
 use super::{
-    align_to, layer_file_name, store_error, BlobIndex, FileEntry, FileHeader, LayerIndex,
-    StoreIndex, TensorIndex, FORMAT, HEADER_BYTES, INDEX_FILE, PARTIAL_PREFIX, VERSION,
+    align_to, layer_file_name, store_error, BlobIndex, FileCheck, FileEntry, FileHeader,
+    LayerIndex, StoreIndex, TensorIndex, FORMAT, HEADER_BYTES, INDEX_FILE, VERSION,
 };
 use crate::error::{CoreError, Result};
 use crate::tiers::BLOB_ALIGN;
@@ -55,22 +57,20 @@ struct LayerFile {
 pub struct StoreWriter {
     dir: PathBuf,
     partial: PathBuf,
-    created_dir: bool,
-    overwrite: bool,
+    /// `None` once committed.
+    staging: Option<Staging>,
     store_id: u64,
     layers: Vec<LayerFile>,
-    extra: Vec<String>,
+    /// Files the caller added, and how they are checked.
+    extra: Vec<(String, FileCheck)>,
     meta: serde_json::Value,
     needed_bytes: u64,
-    /// The staging directory is ours (created by this writer).
-    staged: bool,
-    finished: bool,
 }
 
 impl StoreWriter {
     /// Starts a store in `dir` (created if absent). Refuses a directory with
-    /// other content unless `overwrite`, in which case a complete store
-    /// there is replaced when this one finishes.
+    /// other content unless `overwrite`, in which case a store there is
+    /// replaced when this one finishes.
     pub fn create(
         dir: &Path,
         layers: Vec<LayerSpec>,
@@ -81,43 +81,23 @@ impl StoreWriter {
         let needed_bytes = layers
             .iter()
             .map(|l| {
-                HEADER_BYTES + u64::from(l.experts) * align_to(l.blob_bytes, BLOB_ALIGN as u64)
+                let stride = align_to(l.blob_bytes, BLOB_ALIGN as u64);
+                HEADER_BYTES.saturating_add(u64::from(l.experts).saturating_mul(stride))
             })
-            .sum();
-        let created_dir = !dir.exists();
-        fs::create_dir_all(dir)
-            .map_err(|e| io_error(dir, "creating the directory", e, needed_bytes))?;
-        let partial = dir.join(format!("{PARTIAL_PREFIX}{}", std::process::id()));
+            .fold(0u64, u64::saturating_add);
+        let staging = Staging::begin(dir, overwrite, &|path, doing, e| {
+            io_error(path, doing, e, needed_bytes)
+        })?;
         let mut writer = Self {
             dir: dir.to_path_buf(),
-            partial,
-            created_dir,
-            overwrite,
+            partial: staging.dir().to_path_buf(),
+            staging: Some(staging),
             store_id: RandomState::new().build_hasher().finish(),
             layers: Vec::with_capacity(layers.len()),
             extra: Vec::new(),
             meta,
             needed_bytes,
-            staged: false,
-            finished: false,
         };
-        clear_stale_partials(dir)?;
-        if !overwrite && has_content(dir)? {
-            return Err(store_error(
-                dir,
-                "already exists and is not empty; choose another directory, or replace the store in it \
-                 (moe-offload convert --overwrite, or overwrite=True)",
-            ));
-        }
-        fs::create_dir(&writer.partial).map_err(|e| {
-            io_error(
-                &writer.partial,
-                "creating the staging directory",
-                e,
-                needed_bytes,
-            )
-        })?;
-        writer.staged = true;
         for (l, spec) in layers.into_iter().enumerate() {
             let layer = writer.create_layer_file(l, spec)?;
             writer.layers.push(layer);
@@ -192,8 +172,11 @@ impl StoreWriter {
     }
 
     /// Registers a file the caller wrote into [`partial_dir`](Self::partial_dir);
-    /// it is synced, size-checked on open, and moved into place with the rest.
-    pub fn add_file(&mut self, name: &str) -> Result<()> {
+    /// it is synced, checksummed and moved into place with the rest. Its
+    /// CRC-32 is checked when the store is opened, unless
+    /// `checked_by_reader`: then whoever reads it checks it as it reads (for
+    /// files too large to read twice).
+    pub fn add_file(&mut self, name: &str, checked_by_reader: bool) -> Result<()> {
         let reserved = name == INDEX_FILE || self.layers.iter().any(|l| l.name == name);
         if name.is_empty() || name.contains('/') || name.starts_with('.') || reserved {
             return Err(CoreError::InvalidConfig(format!(
@@ -206,8 +189,14 @@ impl StoreWriter {
                 "was registered but not written",
             ));
         }
-        if !self.extra.iter().any(|n| n == name) {
-            self.extra.push(name.to_string());
+        let check = if checked_by_reader {
+            FileCheck::Reader
+        } else {
+            FileCheck::Open
+        };
+        match self.extra.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 = check,
+            None => self.extra.push((name.to_string(), check)),
         }
         Ok(())
     }
@@ -244,10 +233,10 @@ impl StoreWriter {
             meta: std::mem::take(&mut self.meta),
         };
         self.write_index(&index)?;
-        self.move_into_place(&index)?;
-        self.finished = true;
-        // Best effort: the store is complete whether or not this succeeds.
-        let _ = fs::remove_dir(&self.partial);
+        self.staging
+            .take()
+            .expect("a writer is finished once")
+            .commit()?;
         Ok(summary)
     }
 
@@ -262,16 +251,23 @@ impl StoreWriter {
             entries.push(FileEntry {
                 name: layer.name.clone(),
                 bytes: file_size(&path)?,
+                crc32: None,
+                check: FileCheck::Blobs,
             });
         }
-        for name in &self.extra {
+        for (name, check) in &self.extra {
             let path = self.partial.join(name);
-            File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| io_error(&path, "syncing", e, self.needed_bytes))?;
+            let (bytes, crc32) = File::open(&path)
+                .and_then(|f| {
+                    f.sync_all()?;
+                    file_crc32(f)
+                })
+                .map_err(|e| io_error(&path, "syncing and checksumming", e, self.needed_bytes))?;
             entries.push(FileEntry {
                 name: name.clone(),
-                bytes: file_size(&path)?,
+                bytes,
+                crc32: Some(crc32),
+                check: *check,
             });
         }
         Ok(entries)
@@ -286,38 +282,7 @@ impl StoreWriter {
             File::create(&path).map_err(|e| io_error(&path, "creating the index", e, 0))?;
         file.write_all(&text)
             .and_then(|()| file.sync_all())
-            .map_err(|e| io_error(&path, "writing the index", e, 0))?;
-        sync_dir(&self.partial)
-    }
-
-    /// Renames the staged files into the directory, the index last; with
-    /// `overwrite`, the old index goes first so the old store stops being
-    /// one before any of its files is replaced.
-    fn move_into_place(&self, index: &StoreIndex) -> Result<()> {
-        if self.overwrite {
-            remove_old_store(&self.dir)?;
-        }
-        for entry in &index.files {
-            rename(&self.partial.join(&entry.name), &self.dir.join(&entry.name))?;
-        }
-        sync_dir(&self.dir)?;
-        rename(&self.partial.join(INDEX_FILE), &self.dir.join(INDEX_FILE))?;
-        sync_dir(&self.dir)
-    }
-}
-
-impl Drop for StoreWriter {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        // Unfinished: take back everything this writer put on disk.
-        if self.staged {
-            let _ = fs::remove_dir_all(&self.partial);
-        }
-        if self.created_dir {
-            let _ = fs::remove_dir(&self.dir);
-        }
+            .map_err(|e| io_error(&path, "writing the index", e, 0))
     }
 }
 
@@ -376,72 +341,19 @@ fn reserve(file: &File, len: u64) -> std::io::Result<()> {
     }
 }
 
-/// Removes staging directories left by writers that no longer run; refuses
-/// to go on while another live process writes into `dir`.
-fn clear_stale_partials(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|e| io_error(dir, "listing the directory", e, 0))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(PARTIAL_PREFIX) else {
-            continue;
-        };
-        match pid.parse::<i32>() {
-            Ok(pid) if process_alive(pid) => {
-                return Err(store_error(
-                    dir,
-                    format!("another conversion (process {pid}) is writing into it; wait for it to finish"),
-                ));
-            }
-            _ => {
-                let _ = fs::remove_dir_all(entry.path());
-            }
+/// Size and CRC-32 of a whole file, read in 1 MiB pieces.
+pub(super) fn file_crc32(mut file: File) -> std::io::Result<(u64, u32)> {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok((bytes, hasher.finalize()));
         }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
     }
-    Ok(())
-}
-
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 performs only the existence and permission check.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-fn has_content(dir: &Path) -> Result<bool> {
-    let mut entries =
-        fs::read_dir(dir).map_err(|e| io_error(dir, "listing the directory", e, 0))?;
-    Ok(entries.any(|e| {
-        e.map(|e| !e.file_name().to_string_lossy().starts_with(PARTIAL_PREFIX))
-            .unwrap_or(true)
-    }))
-}
-
-/// Unmakes the store in `dir`: its index first, then the files it listed.
-fn remove_old_store(dir: &Path) -> Result<()> {
-    let index_path = dir.join(INDEX_FILE);
-    let old: Option<StoreIndex> = fs::read_to_string(&index_path)
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok());
-    match fs::remove_file(&index_path) {
-        Ok(()) => sync_dir(dir)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error(&index_path, "removing the old index", e, 0)),
-    }
-    for entry in old.map(|i| i.files).unwrap_or_default() {
-        if !entry.name.contains('/') {
-            let _ = fs::remove_file(dir.join(&entry.name));
-        }
-    }
-    Ok(())
-}
-
-fn rename(from: &Path, to: &Path) -> Result<()> {
-    fs::rename(from, to).map_err(|e| io_error(to, "moving the file into place", e, 0))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(dir, "syncing the directory", e, 0))
 }
 
 fn file_size(path: &Path) -> Result<u64> {
