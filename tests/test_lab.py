@@ -3,6 +3,7 @@ cosine matching against a NumPy reference, and trace replay."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_offload import MoeOffloadError, _core, lab
+from moe_offload import MoeOffloadError, _core, cli, lab
 from moe_offload.traces import Request, Trace, read_trace, write_trace
 
 
@@ -114,7 +115,7 @@ def test_replay_compares_policies_on_one_trace():
         assert r["total_s"] >= r["resident_s"] + r["stall_s"] - 1e-9
     assert results["oracle"]["hits"] >= max(r["hits"] for n, r in results.items() if n != "activation-aware")
     assert results["lru"]["prefetch_copies"] == 0
-    with pytest.raises(MoeOffloadError, match="expert ids"):
+    with pytest.raises(MoeOffloadError, match="expert id 9 is not below 8"):
         bad = np.full((1, 4, 2), 9, dtype=np.uint32)
         _core.replay("lru", [(1, bad.ctypes.data, bad.size)], [], **params)
 
@@ -185,11 +186,26 @@ def test_the_replay_command_prints_the_report(tmp_path):
     assert report["trace"]["requests"] == 4 and report["trace"]["warmup_requests"] == 1
     assert report["params"]["slots"] == 8
 
+    # Prefetch figures do not apply to a policy that does not prefetch.
+    assert report["policies"]["lru"]["prefetch_precision"] is None
+    assert report["policies"]["lru"]["prefetch_recall"] is None
+
     table = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "| activation-aware |" in table.stdout and "| oracle |" in table.stdout
-    bad = subprocess.run([*command, "--capacity", "2"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--capacity" in bad.stderr
+    lru = next(line for line in table.stdout.splitlines() if line.startswith("| lru |"))
+    assert lru.split(" | ")[2:4] == ["–", "–"], lru
+    assert f"next_token_reuse {lab.next_token_reuse(requests):.3f}" in table.stdout
+    # Not a terminal: one plain progress line per policy.
+    assert [line.split(" done")[0] for line in table.stderr.splitlines()] == [
+        f"replay: {p}" for p in lab.POLICIES
+    ]
+    # An EAMC far beyond memory is refused before the core sizes it (it aborted the process).
+    bad = subprocess.run(
+        [*command, "--eamc-capacity", "10000000000"], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("moe-offload: --eamc-capacity "), bad.stderr
+    assert bad.stderr.count("\n") == 1, bad.stderr
 
 
 def test_next_token_reuse_counts_experts_the_previous_token_used():
@@ -197,3 +213,95 @@ def test_next_token_reuse_counts_experts_the_previous_token_used():
     r = Request("a", np.array([[[0, 1]], [[1, 2]]], dtype=np.uint32))
     assert lab.next_token_reuse([r]) == 0.5
     assert lab.next_token_reuse([Request("b", r.routing[:1])]) == 0.0
+
+
+HEADER = {"format": "moe-offload-trace", "version": 1, "num_layers": 2, "num_experts": 4, "top_k": 1}
+
+
+def _native(path: Path, experts: str = "[[[1], [2]], [[3], [0]]]", **header: object) -> Path:
+    fields = {k: v for k, v in (HEADER | header).items() if v is not None}
+    path.write_text(json.dumps(fields) + "\n" + '{"request": "a", "experts": ' + experts + "}\n")
+    return path
+
+
+def _good(directory: Path) -> Path:
+    return _native(directory / "t.jsonl")
+
+
+def _binary(path: Path) -> Path:
+    path.write_bytes(bytes(range(128, 256)) * 16)
+    return path
+
+
+def _not_gzip(path: Path) -> Path:
+    path.write_bytes(b"plain text, not gzip\n")
+    return path
+
+
+def _directories(path: Path) -> Path:
+    (path / "a").mkdir(parents=True)
+    (path / "b").mkdir()
+    return path
+
+
+# (what to replay, extra arguments, what the one-line message says)
+BAD_REPLAYS = {
+    "endless line": (lambda d: Path("/dev/zero"), ["--format", "moe-beyond"], "/dev/zero:1: line longer"),
+    "binary file": (lambda d: _binary(d / "t.jsonl"), [], "t.jsonl:1: not UTF-8 text"),
+    "not gzip": (lambda d: _not_gzip(d / "t.jsonl.gz"), [], "t.jsonl.gz:1: cannot read it"),
+    "id >= 2**63": (lambda d: _native(d / "t.jsonl", "[[[9223372036854775808]], [[0]]]"), [], "t.jsonl:2: "),
+    "experts null": (lambda d: _native(d / "t.jsonl", "null"), [], "t.jsonl:2: 'experts' must be"),
+    "no num_layers": (lambda d: _native(d / "t.jsonl", num_layers=None), [], "'num_layers' must be"),
+    "num_experts 2**64": (lambda d: _native(d / "t.jsonl", num_experts=2**64), [], "'num_experts' must be"),
+    "id 1.7": (lambda d: _native(d / "t.jsonl", "[[[1.7]], [[0]]]"), [], "expert id 1.7 is not an integer"),
+    "directories": (lambda d: _directories(d / "dirs"), [], "no trace files found in "),
+    "expert bytes -1": (_good, ["--expert-bytes", "-1"], "--expert-bytes -1 must"),
+    "compute nan": (_good, ["--layer-compute-us", "nan"], "--layer-compute-us nan"),
+    "compute inf": (_good, ["--layer-compute-us", "inf"], "--layer-compute-us inf"),
+    "bandwidth 0": (_good, ["--bandwidth-gbps", "0"], "--bandwidth-gbps 0.0 must"),
+    "capacity 2": (_good, ["--capacity", "2"], "--capacity 2.0 must be"),
+    "limit 0": (_good, ["--limit", "0"], "--limit 0 must be"),
+    "warmup -1": (_good, ["--warmup", "-1"], "--warmup -1 must be"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REPLAYS.values(), ids=BAD_REPLAYS.keys())
+def test_bad_replay_input_is_a_one_line_message_and_status_2(tmp_path, capsys, case):
+    target, extra, message = case
+    path = target(tmp_path)
+    if not path.exists():
+        pytest.skip(f"needs {path}")
+    code = cli.main(["replay", str(path), "--expert-bytes", "1000", *extra])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, ""), err
+    assert err.startswith("moe-offload: ") and err.count("\n") == 1, err
+    assert message in err and "Traceback" not in err and "PosixPath" not in err, err
+
+
+def test_every_replay_option_says_what_it_does_and_its_default():
+    commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    replay = commands.choices["replay"]
+    options = [a for a in replay._actions if a.option_strings and a.dest not in ("help", "verbose")]
+    assert len(options) == 11
+    for action in options:
+        assert action.help and "(default: " in action.help, action.option_strings
+    text = replay.format_help()
+    assert "(default: 0.25)" in text and "(default: 1000)" in text and "(default: auto)" in text
+
+
+def test_a_replay_reports_each_request_and_stops_when_the_callback_raises():
+    rng = np.random.default_rng(3)
+    trace = Trace(4, 8, 2, "synthetic", [Request(f"r{i}", routing(rng, 10, 4, 8, 2)) for i in range(4)])
+    params = lab.LabParams(expert_bytes=1000)
+    seen: list[tuple[str, int]] = []
+    lab.run(trace, ["lru", "oracle"], params, progress=lambda policy, done: seen.append((policy, done)))
+    assert seen == [(p, done) for p in ("lru", "oracle") for done in (1, 2, 3, 4)]
+
+    def interrupt(policy: str, done: int) -> None:
+        seen.append((policy, done))
+        raise KeyboardInterrupt
+
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        lab.run(trace, ["activation-aware", "lru"], params, progress=interrupt)
+    assert seen == [("activation-aware", 1)], "Ctrl-C stops the replay at the next request"

@@ -10,7 +10,9 @@ disjoint from the measured ones, fill the EAMC before the replay starts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -73,12 +75,14 @@ def run(
     params: LabParams,
     measured: list[Request] | None = None,
     warmup: list[Request] | None = None,
+    progress: Callable[[str, int], object] | None = None,
     **planner: Any,
 ) -> dict[str, Any]:
     """Replays `measured` (default: every request but the warm-up ones) under
     each policy; `warmup` requests (default: the last `params.warmup` of the
-    trace) only fill the EAMC. Returns the report `moe-offload replay --json`
-    prints."""
+    trace) only fill the EAMC. `progress(policy, done)` is called after each
+    measured request; an exception it raises stops the replay. Returns the
+    report `moe-offload replay --json` prints."""
     for p in policies:
         if p not in POLICIES:
             raise MoeOffloadError(f"unknown policy {p!r}; choose from {', '.join(POLICIES)}")
@@ -104,7 +108,11 @@ def run(
         layer_compute_s=params.layer_compute_us * 1e-6,
         **planner,
     )
-    results = {p: summarize(replay(p, _raw(measured), _raw(warmup), **common)) for p in policies}
+    results = {}
+    for p in policies:
+        # A Python callback even without `progress`: running one lets Ctrl-C stop a long replay.
+        on_request = partial(progress, p) if progress is not None else _no_progress
+        results[p] = summarize(replay(p, _raw(measured), _raw(warmup), progress=on_request, **common))
     return {
         "policies": results,
         "trace": {
@@ -128,6 +136,10 @@ def run(
     }
 
 
+def _no_progress(done: int) -> None:
+    """Nothing to report; the interpreter handles pending signals meanwhile."""
+
+
 def next_token_reuse(requests: list[Request]) -> float:
     """Of each token's routings (after a request's first token), the share
     that go to an expert the previous token used at the same layer: how much
@@ -140,25 +152,32 @@ def next_token_reuse(requests: list[Request]) -> float:
     return reused / total if total else 0.0
 
 
-def summarize(r: dict[str, Any]) -> dict[str, float]:
-    """The lab's figures from one replay's counters.
+def summarize(r: dict[str, Any]) -> dict[str, float | None]:
+    """The lab's figures from one replay's counters; None (JSON null, "–" in
+    the table) where a figure does not apply.
 
     Prefetch precision: prefetched experts that were used (in time or late)
     per prefetch copy. Prefetch recall: of the fetches that the cache did not
     serve by keeping an expert it already had (prefetch hits + misses), the
-    share that a prefetch served in time."""
-    tokens = max(r["tokens"], 1)
+    share that a prefetch served in time. Both are None for a replay without
+    prefetch copies (every policy but activation-aware)."""
+    prefetched = r["prefetch_copies"] > 0
     used = r["prefetch_hits"] + r["prefetch_late"]
     not_retained = r["prefetch_hits"] + r["misses"]
+    tokens = r["tokens"]
     return {
-        "hit_rate": r["hits"] / max(r["accesses"], 1),
-        "prefetch_precision": used / r["prefetch_copies"] if r["prefetch_copies"] else 0.0,
-        "prefetch_recall": r["prefetch_hits"] / not_retained if not_retained else 0.0,
-        "stall_ms_per_token": r["stall_s"] * 1e3 / tokens,
-        "bytes_per_token": r["bytes_moved"] / tokens,
-        "ms_per_token": r["total_s"] * 1e3 / tokens,
-        "slowdown_vs_resident": r["total_s"] / r["resident_s"] if r["resident_s"] else float("nan"),
+        "hit_rate": _ratio(r["hits"], r["accesses"]),
+        "prefetch_precision": _ratio(used, r["prefetch_copies"]) if prefetched else None,
+        "prefetch_recall": _ratio(r["prefetch_hits"], not_retained) if prefetched else None,
+        "stall_ms_per_token": _ratio(r["stall_s"] * 1e3, tokens),
+        "bytes_per_token": _ratio(r["bytes_moved"], tokens),
+        "ms_per_token": _ratio(r["total_s"] * 1e3, tokens),
+        "slowdown_vs_resident": _ratio(r["total_s"], r["resident_s"]),
     }
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
 
 
 COLUMNS = (
@@ -168,7 +187,7 @@ COLUMNS = (
     ("stall_ms_per_token", "stall ms/token", "{:.2f}"),
     ("bytes_per_token", "MB/token", "{:.1f}"),
     ("ms_per_token", "ms/token", "{:.2f}"),
-    ("slowdown_vs_resident", "x resident", "{:.2f}"),
+    ("slowdown_vs_resident", "× resident", "{:.2f}"),
 )
 
 
@@ -181,7 +200,10 @@ def table(report: dict[str, Any]) -> str:
     for name, figures in report["policies"].items():
         cells = []
         for key, _, fmt in COLUMNS:
-            value = figures[key] / 1e6 if key == "bytes_per_token" else figures[key]
-            cells.append(fmt.format(value))
+            value = figures[key]
+            if value is None:
+                cells.append("–")
+                continue
+            cells.append(fmt.format(value / 1e6 if key == "bytes_per_token" else value))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -7,6 +7,8 @@
 //! so later requests are matched against earlier ones (and against the
 //! warm-up requests), never against themselves.
 
+use std::ops::ControlFlow;
+
 use crate::cache::core::{CacheCore, CopyJob};
 use crate::cache::oracle::Oracle;
 use crate::cache::policy_by_name;
@@ -99,15 +101,18 @@ impl CopyEngine {
         queue: &PrefetchQueue,
         slots: &[SlotId],
         mut now: f64,
-    ) -> f64 {
+    ) -> Result<f64> {
         while slots.iter().any(|&s| core.phase(s) != &Phase::Ready) {
             if self.current.is_none() && !self.start_next(core, queue, now) {
-                unreachable!("a fetched expert that is not ready has its copy queued or running");
+                return Err(CoreError::Protocol(
+                    "replay: a fetched expert is not ready and has no copy queued or running"
+                        .into(),
+                ));
             }
             now = now.max(self.free_at);
             self.run_until(core, queue, now, now);
         }
-        now
+        Ok(now)
     }
 }
 
@@ -119,6 +124,22 @@ pub fn replay(
     requests: &[Routing],
     warmup: &[Routing],
 ) -> Result<ReplayReport> {
+    replay_with_progress(policy, config, requests, warmup, |_| {
+        ControlFlow::Continue(())
+    })?
+    .ok_or_else(|| CoreError::Protocol("replay stopped without being asked to".into()))
+}
+
+/// As [`replay`], calling `progress` with the number of measured requests
+/// done after each one; `Break` stops the replay and returns `Ok(None)`
+/// (the caller knows why: e.g. Ctrl-C in the Python callback).
+pub fn replay_with_progress(
+    policy: &str,
+    config: &ReplayConfig,
+    requests: &[Routing],
+    warmup: &[Routing],
+    mut progress: impl FnMut(usize) -> ControlFlow<()>,
+) -> Result<Option<ReplayReport>> {
     validate(config, requests.iter().chain(warmup))?;
     let layout = ExpertLayout::new(&vec![
         (config.experts as u32, config.expert_bytes as usize);
@@ -140,13 +161,19 @@ pub fn replay(
     };
     let predictive = policy.prefetches();
     let mut core = CacheCore::new(layout, pool, policy);
-    let mut planner = Planner::new(config.layers, config.experts, config.planner.clone())?;
-    planner.set_timing(Timing {
-        copy_s: (config.expert_bytes as f64 / config.bandwidth_bytes_per_s) as f32,
-        layer_s: config.layer_compute_s as f32,
-        copies_compete: false,
-    });
-    if predictive {
+    // Only a predictive policy uses the planner (and its EAMC's memory).
+    let mut planner = if predictive {
+        let mut planner = Planner::new(config.layers, config.experts, config.planner.clone())?;
+        planner.set_timing(Timing {
+            copy_s: (config.expert_bytes as f64 / config.bandwidth_bytes_per_s) as f32,
+            layer_s: config.layer_compute_s as f32,
+            copies_compete: false,
+        });
+        Some(planner)
+    } else {
+        None
+    };
+    if let Some(planner) = planner.as_mut() {
         for request in warmup {
             let id = planner.begin_request();
             for_each_layer(config, request, |_, layer, experts| {
@@ -164,8 +191,8 @@ pub fn replay(
     let mut now = 0.0f64;
     let mut stall = 0.0f64;
     let mut ids: Vec<ExpertId> = Vec::with_capacity(config.top_k);
-    for request in requests {
-        let id: Option<RequestId> = predictive.then(|| planner.begin_request());
+    for (done, request) in requests.iter().enumerate() {
+        let id: Option<RequestId> = planner.as_mut().map(|p| p.begin_request());
         for_each_layer(config, request, |_, layer, experts| {
             engine.run_until(&mut core, &queue, now, now);
             ids.clear();
@@ -176,7 +203,7 @@ pub fn replay(
             );
             // The router's choice is known before the experts are fetched:
             // plan first, so evictions see this layer's routing.
-            if let Some(id) = id {
+            if let (Some(id), Some(planner)) = (id, planner.as_mut()) {
                 planner.observe(id, layer, experts)?;
                 let depth = planner.prefetch_depth();
                 let (scores, prefetch) = planner.plan(layer);
@@ -193,7 +220,7 @@ pub fn replay(
                 }
             };
             engine.run_until(&mut core, &queue, now, now);
-            let ready = engine.wait_for(&mut core, &queue, &slots, now);
+            let ready = engine.wait_for(&mut core, &queue, &slots, now)?;
             stall += ready - now;
             now = ready;
             for &e in &ids {
@@ -202,13 +229,16 @@ pub fn replay(
             now += config.layer_compute_s;
             Ok(())
         })?;
-        if let Some(id) = id {
+        if let (Some(id), Some(planner)) = (id, planner.as_mut()) {
             planner.end_request(id)?;
+        }
+        if progress(done + 1).is_break() {
+            return Ok(None);
         }
     }
     let tokens: u64 = requests.iter().map(|r| r.tokens as u64).sum();
     let stats = core.stats();
-    Ok(ReplayReport {
+    Ok(Some(ReplayReport {
         tokens,
         accesses: stats.hits + stats.misses,
         hits: stats.hits,
@@ -222,40 +252,102 @@ pub fn replay(
         stall_s: stall,
         total_s: now,
         resident_s: tokens as f64 * config.layers as f64 * config.layer_compute_s,
-    })
+    }))
 }
 
+/// Most experts (over all layers) a replay takes. The largest routed models
+/// have about 15,000 (DeepSeek-V3: 58 layers x 256); the replay keeps a few
+/// words of bookkeeping per expert, so this bounds it well under a GiB.
+pub const MAX_TOTAL_EXPERTS: usize = 1 << 24;
+
+/// Refuses a configuration or routing that the replay cannot run exactly,
+/// before anything is sized from it.
 fn validate<'a>(
     config: &ReplayConfig,
-    mut requests: impl Iterator<Item = &'a Routing<'a>>,
+    requests: impl Iterator<Item = &'a Routing<'a>>,
 ) -> Result<()> {
-    if config.slots < config.top_k {
-        return Err(CoreError::BudgetTooSmall {
-            needed: config.top_k,
-            available: config.slots,
-            min_bytes: config.top_k * config.expert_bytes as usize,
-        });
+    let invalid = |message: String| Err(CoreError::InvalidConfig(message));
+    let (layers, experts, top_k) = (config.layers, config.experts, config.top_k);
+    let total = layers
+        .checked_mul(experts)
+        .filter(|&n| n > 0 && n <= MAX_TOTAL_EXPERTS);
+    let Some(total) = total else {
+        return invalid(format!(
+            "{layers} layers x {experts} experts: both must be positive, with at most {MAX_TOTAL_EXPERTS} experts in all"
+        ));
+    };
+    if top_k == 0 || top_k > experts {
+        return invalid(format!("top_k {top_k} must be in 1..={experts}"));
     }
-    let bandwidth_ok =
-        config.bandwidth_bytes_per_s.is_finite() && config.bandwidth_bytes_per_s > 0.0;
-    if !bandwidth_ok || config.layer_compute_s < 0.0 {
-        return Err(CoreError::InvalidConfig(
-            "bandwidth must be positive and compute time non-negative".into(),
+    if config.slots > total {
+        return invalid(format!(
+            "{} slots for {total} experts: a slot per expert is the most that can be used",
+            config.slots
         ));
     }
-    let per_token = config.layers * config.top_k;
-    match requests.find(|r| {
-        r.ids.len() != r.tokens * per_token || r.ids.iter().any(|&e| e as usize >= config.experts)
-    }) {
-        Some(bad) => Err(CoreError::InvalidConfig(format!(
-            "a request of {} tokens has {} expert ids (expected {} per token, each below {})",
-            bad.tokens,
-            bad.ids.len(),
-            per_token,
-            config.experts
-        ))),
-        None => Ok(()),
+    let min_bytes = usize::try_from(config.expert_bytes)
+        .ok()
+        .filter(|&b| b > 0)
+        .and_then(|b| b.checked_mul(top_k));
+    let Some(min_bytes) = min_bytes else {
+        return invalid(format!(
+            "expert_bytes {} must be positive, and top_k {top_k} experts must fit in the address space",
+            config.expert_bytes
+        ));
+    };
+    if config.slots < top_k {
+        return Err(CoreError::BudgetTooSmall {
+            needed: top_k,
+            available: config.slots,
+            min_bytes,
+        });
     }
+    let bandwidth = config.bandwidth_bytes_per_s;
+    let copy_s = config.expert_bytes as f64 / bandwidth;
+    if !(bandwidth.is_finite() && bandwidth > 0.0 && copy_s.is_finite()) {
+        return invalid(format!(
+            "bandwidth {bandwidth} bytes/s must be a positive finite number (a copy would take {copy_s} s)"
+        ));
+    }
+    if !(config.layer_compute_s.is_finite() && config.layer_compute_s >= 0.0) {
+        return invalid(format!(
+            "layer compute time {} s must be a finite number >= 0",
+            config.layer_compute_s
+        ));
+    }
+    let per_token = layers * top_k;
+    // Which token last named each expert: a token's top-k are distinct.
+    let mut named_by = vec![usize::MAX; experts];
+    for (r, request) in requests.enumerate() {
+        if request.tokens.checked_mul(per_token) != Some(request.ids.len()) {
+            return invalid(format!(
+                "request {r}: {} tokens need {per_token} expert ids each, but it has {}",
+                request.tokens,
+                request.ids.len()
+            ));
+        }
+        for (step, ids) in request.ids.chunks_exact(top_k).enumerate() {
+            for &e in ids {
+                let e = e as usize;
+                if e >= experts {
+                    return invalid(format!(
+                        "request {r}, token {}: expert id {e} is not below {experts}",
+                        step / layers
+                    ));
+                }
+                if named_by[e] == step {
+                    return invalid(format!(
+                        "request {r}, token {}: expert {e} is named twice at layer {}; top-k experts are distinct",
+                        step / layers,
+                        step % layers
+                    ));
+                }
+                named_by[e] = step;
+            }
+        }
+        named_by.fill(usize::MAX);
+    }
+    Ok(())
 }
 
 fn for_each_layer(
@@ -382,5 +474,129 @@ mod tests {
         .is_err());
         assert!(replay("lru", &config(0), &[], &[]).is_err());
         assert!(replay("fifo", &config(2), &[], &[]).is_err());
+    }
+
+    #[test]
+    fn configurations_that_cannot_be_replayed_are_errors_not_panics() {
+        let ids = [0, 1];
+        let one = |ids: &'static [u32]| [Routing { tokens: 1, ids }];
+        let refused = |config: ReplayConfig, requests: &[Routing]| {
+            let outcome = replay("activation-aware", &config, requests, &[]);
+            assert!(
+                matches!(outcome, Err(CoreError::InvalidConfig(_))),
+                "{config:?}: {outcome:?}"
+            );
+        };
+        let base = config(4);
+        for layer_compute_s in [f64::NAN, f64::INFINITY, -1.0] {
+            refused(
+                ReplayConfig {
+                    layer_compute_s,
+                    ..base.clone()
+                },
+                &[],
+            );
+        }
+        for bandwidth_bytes_per_s in [f64::NAN, 0.0, 1e-320] {
+            refused(
+                ReplayConfig {
+                    bandwidth_bytes_per_s,
+                    ..base.clone()
+                },
+                &[],
+            );
+        }
+        refused(
+            ReplayConfig {
+                experts: usize::MAX,
+                ..base.clone()
+            },
+            &[],
+        );
+        refused(
+            ReplayConfig {
+                layers: 1 << 20,
+                experts: 1 << 20,
+                ..base.clone()
+            },
+            &[],
+        );
+        refused(
+            ReplayConfig {
+                top_k: 0,
+                ..base.clone()
+            },
+            &[],
+        );
+        refused(
+            ReplayConfig {
+                top_k: 5,
+                slots: 8,
+                ..base.clone()
+            },
+            &[],
+        );
+        refused(
+            ReplayConfig {
+                slots: 1 << 40,
+                ..base.clone()
+            },
+            &[],
+        );
+        refused(
+            ReplayConfig {
+                expert_bytes: 0,
+                ..base.clone()
+            },
+            &[],
+        );
+        refused(
+            ReplayConfig {
+                top_k: 2,
+                expert_bytes: u64::MAX,
+                ..base.clone()
+            },
+            &[],
+        );
+        // A token count whose id count overflows, and one expert named twice.
+        refused(
+            base.clone(),
+            &[Routing {
+                tokens: usize::MAX,
+                ids: &ids,
+            }],
+        );
+        let twice = ReplayConfig {
+            layers: 1,
+            top_k: 2,
+            ..base.clone()
+        };
+        refused(twice, &one(&[3, 3]));
+    }
+
+    #[test]
+    fn progress_is_reported_per_request_and_can_stop_the_replay() {
+        let ids = [0, 1, 2, 3];
+        let routing: Vec<Routing> = (0..3)
+            .map(|_| Routing {
+                tokens: 2,
+                ids: &ids,
+            })
+            .collect();
+        let mut seen = Vec::new();
+        let report = replay_with_progress("lru", &config(4), &routing, &[], |done| {
+            seen.push(done);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(seen, [1, 2, 3]);
+        assert_eq!(report.map(|r| r.tokens), Some(6));
+        let mut calls = 0;
+        let stopped = replay_with_progress("activation-aware", &config(4), &routing, &[], |_| {
+            calls += 1;
+            ControlFlow::Break(())
+        })
+        .unwrap();
+        assert_eq!((stopped, calls), (None, 1));
     }
 }

@@ -3,6 +3,7 @@
 //! Routing crosses the boundary as (tokens, address, length) of C-contiguous
 //! uint32 arrays that the caller keeps alive for the duration of the call.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -10,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_py;
-use crate::replay::{replay as run_replay, ReplayConfig, Routing};
+use crate::replay::{replay_with_progress as run_replay, ReplayConfig, Routing};
 use crate::trace::{ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
 
 type RawRouting = (usize, usize, usize);
@@ -33,9 +34,11 @@ fn routings(raw: &[RawRouting]) -> Vec<Routing<'_>> {
 
 /// Replays routing through the cache core under one policy on a simulated
 /// clock; planner settings come as keyword arguments (see `planner.rs`).
+/// `progress(done)` is called after each measured request; an exception it
+/// raises (KeyboardInterrupt included) stops the replay and is raised here.
 #[pyfunction]
 #[pyo3(signature = (policy, requests, warmup, *, layers, experts, top_k, slots, expert_bytes,
-    bandwidth_bytes_per_s, layer_compute_s, **planner))]
+    bandwidth_bytes_per_s, layer_compute_s, progress=None, **planner))]
 #[allow(clippy::too_many_arguments)]
 pub fn replay<'py>(
     py: Python<'py>,
@@ -49,6 +52,7 @@ pub fn replay<'py>(
     expert_bytes: u64,
     bandwidth_bytes_per_s: f64,
     layer_compute_s: f64,
+    progress: Option<Py<PyAny>>,
     planner: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = ReplayConfig {
@@ -61,9 +65,26 @@ pub fn replay<'py>(
         layer_compute_s,
         planner: super::planner::planner_config(planner)?,
     };
-    let report = py
-        .detach(|| run_replay(policy, &config, &routings(&requests), &routings(&warmup)))
-        .map_err(to_py)?;
+    let mut raised = None;
+    let on_request = |done: usize| {
+        let Some(callback) = &progress else {
+            return ControlFlow::Continue(());
+        };
+        Python::attach(|py| match callback.call1(py, (done,)) {
+            Ok(_) => ControlFlow::Continue(()),
+            Err(e) => {
+                raised = Some(e);
+                ControlFlow::Break(())
+            }
+        })
+    };
+    let (requests, warmup) = (routings(&requests), routings(&warmup));
+    let report = py.detach(|| run_replay(policy, &config, &requests, &warmup, on_request));
+    let Some(report) = report.map_err(to_py)? else {
+        return Err(raised.unwrap_or_else(|| {
+            super::errors::MoeOffloadError::new_err("the replay stopped without a reason")
+        }));
+    };
     let d = PyDict::new(py);
     d.set_item("tokens", report.tokens)?;
     d.set_item("accesses", report.accesses)?;
