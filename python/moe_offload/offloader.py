@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
+import os
+import signal
+import threading
+import types
+import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +22,19 @@ import torch
 from torch import nn
 
 from moe_offload._core import (
+    MAX_EAMC_CAPACITY,
     BudgetError,
+    DeviceError,
     ExpertCache,
     ExpertStore,
     MoeOffloadError,
     PatchStateError,
     UnsupportedModelError,
+    max_eamc_capacity,
 )
 from moe_offload.adapters import SUPPORTED_FAMILIES, ExpertBlock, TensorSpec, find_expert_blocks
 from moe_offload.progress import progress
-from moe_offload.runtime import LayerRuntime, RequestTracker, SlotPool, TraceRecorder
+from moe_offload.runtime import GatedMethods, LayerRuntime, PassGate, RequestTracker, SlotPool, TraceRecorder
 from moe_offload.sizes import format_size, parse_size
 
 log = logging.getLogger("moe_offload")
@@ -32,6 +42,11 @@ log = logging.getLogger("moe_offload")
 _ATTR = "_moe_offload_offloader"
 SLOT_ALIGN = 4096
 POLICIES = ("activation-aware", "lru", "lfu", "reference")
+# Copy workers (and from_pretrained's I/O workers) are threads; more than
+# this many only contend for the same memory bus and disk.
+MAX_WORKERS = 256
+# Prefetches queued per plan: more than any model has experts.
+MAX_PREFETCH_DEPTH = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,11 @@ class StoreBacking:
     store: ExpertStore
     host_slots: int
     host_budget: int
+
+
+_UNPATCHED = (
+    "the model was unpatched, and this offloader's cache with it; patch the model again for a new one"
+)
 
 
 class Offloader:
@@ -61,23 +81,40 @@ class Offloader:
     ) -> None:
         self.model = model
         self.blocks = blocks
-        self.cache = cache
-        self.pool = pool
+        self._cache: ExpertCache | None = cache
+        self._pool: SlotPool | None = pool
+        self._tracker: RequestTracker | None = tracker
         self.device = pool.device
+        self.n_slots = pool.n_slots
+        self.slot_bytes = pool.slot_bytes
         self.budget_bytes = budget_bytes
         self.policy = policy
-        self.tracker = tracker
         self.eamc_path = eamc_path
         self.backing = backing
         self._hooks: list[Any] = []
 
     @property
-    def n_slots(self) -> int:
-        return self.pool.n_slots
+    def cache(self) -> ExpertCache:
+        if self._cache is None:
+            raise PatchStateError(_UNPATCHED)
+        return self._cache
 
     @property
-    def slot_bytes(self) -> int:
-        return self.pool.slot_bytes
+    def pool(self) -> SlotPool:
+        if self._pool is None:
+            raise PatchStateError(_UNPATCHED)
+        return self._pool
+
+    @property
+    def tracker(self) -> RequestTracker:
+        if self._tracker is None:
+            raise PatchStateError(_UNPATCHED)
+        return self._tracker
+
+    def _close(self) -> None:
+        """Lets go of the cache (its host tier and copy workers) and the slot
+        pool: after `unpatch`, nothing but this object refers to them."""
+        self._cache = self._pool = self._tracker = None
 
     def stats(self) -> dict[str, Any]:
         """Cache statistics since patching or the last `reset_stats()`."""
@@ -172,9 +209,19 @@ def patch(
     request traces; "lru", "lfu", "reference" fetch on demand). `eamc_path`
     names the EAMC file: loaded now when it exists, saved by
     `offloader.save_eamc()`, at `unpatch` and at interpreter exit.
+    `eamc_capacity` is the number of requests the EAMC keeps, `prefetch_depth`
+    the prefetches queued per plan (None: the default), `copy_workers` the
+    threads copying experts into slots. `show_progress` shows a progress bar
+    while the experts move (None: only when stderr is a terminal).
+
+    While patched, the model refuses `.to()`, `.cuda()`, `.half()` and the
+    like, and `save_pretrained`, with `PatchStateError` (unpatch first);
+    a move or cast that changes nothing is allowed.
     Raises `BudgetError` when the budget cannot hold one token's top-k experts
     of one layer, `UnsupportedModelError` when the model has no MoE block moe-offload
-    knows, `PatchStateError` when the model is already patched."""
+    knows, `PatchStateError` when the model is already patched, `DeviceError`
+    for a device this machine does not have, `MoeOffloadError` naming the
+    argument for any other argument out of range."""
     return _patch(
         model,
         device,
@@ -205,18 +252,28 @@ def _patch(
     tier or, given `backing`, read from an expert store."""
     if getattr(model, _ATTR, None) is not None:
         raise PatchStateError("this model is already patched; call moe_offload.unpatch(model) first")
-    if policy not in POLICIES:
-        raise MoeOffloadError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    check_arguments(
+        device_budget=device_budget,
+        policy=policy,
+        eamc_path=eamc_path,
+        eamc_capacity=eamc_capacity,
+        prefetch_depth=prefetch_depth,
+        copy_workers=copy_workers,
+        show_progress=show_progress,
+    )
     blocks = find_expert_blocks(model)
     if not blocks:
         raise UnsupportedModelError(
             f"{type(model).__name__} has no MoE block moe-offload can offload. "
             f"Supported families: {', '.join(SUPPORTED_FAMILIES)}."
         )
-    target = _resolve_device(model, blocks, device)
+    check_eamc_fits(
+        eamc_capacity, len(blocks), max(b.num_experts for b in blocks), f"eamc_capacity={eamc_capacity}"
+    )
+    target = resolve_device(_default_device(model, blocks) if device is None else device)
     slot_bytes = -(-max(b.expert_bytes for b in blocks) // SLOT_ALIGN) * SLOT_ALIGN
     budget = _budget(
-        device_budget,
+        None if device_budget is None else parse_size(device_budget, "device_budget"),
         blocks,
         slot_bytes,
         target,
@@ -264,7 +321,11 @@ def _patch(
     except BaseException:
         # A model read from a store had no expert data before: give it none
         # back rather than read a possibly damaged store.
-        _restore(cache, offloaded, target, with_values=backing is None)
+        values = _read_back(cache, offloaded, with_values=backing is None)
+        with _interrupts_deferred():
+            _swap_in(offloaded, values)
+            values.clear()
+            _move_experts(offloaded, target)
         raise
     offloader = Offloader(
         model,
@@ -277,9 +338,10 @@ def _patch(
         None if eamc_path is None else Path(eamc_path),
         backing,
     )
-    offloader._hooks.append(_watch_requests(model, tracker))
+    offloader._hooks.append(_watch_requests(model, tracker, target))
     if offloader.eamc_path is not None:
         atexit.register(_save_at_exit, weakref.ref(offloader))
+    _guard(model, blocks)
     object.__setattr__(model, _ATTR, offloader)
     log.info("moe-offload: %r (host tier pinned: %s)", offloader, cache.host_pinned)
     return offloader
@@ -287,12 +349,17 @@ def _patch(
 
 def unpatch(model: nn.Module) -> None:
     """Gives `model` back its ordinary expert parameters (the same parameter
-    objects, with identical values, on the device the rest of the model is on)."""
+    objects, with identical values, on the device the rest of the model is on).
+
+    All or nothing: if reading the experts back fails, the model stays
+    patched and working, and `unpatch` can be called again. The EAMC is
+    saved first when the patch has an `eamc_path`; failing to save it is a
+    warning, not an error (`offloader.save_eamc()` raises instead)."""
     offloader: Offloader | None = getattr(model, _ATTR, None)
     if offloader is None:
         raise PatchStateError("this model is not patched by moe-offload; there is nothing to unpatch")
     if offloader.eamc_path is not None:
-        offloader.save_eamc()
+        _save_eamc_or_warn(offloader, "at unpatch")
     _undo_patch(model, offloader, with_values=True)
 
 
@@ -304,25 +371,66 @@ def abandon_patch(model: nn.Module) -> None:
 
 
 def _undo_patch(model: nn.Module, offloader: Offloader, with_values: bool) -> None:
+    """Reads every expert back into host memory (a failure there changes
+    nothing); then, with Ctrl-C held back, swaps them in, removes the hooks,
+    the guard and the mark, frees the cache and the slot pool, and only then
+    moves the experts to the device, so that device memory never holds the
+    slots and every expert at once."""
+    values = _read_back(offloader.cache, offloader.blocks, with_values)
+    with _interrupts_deferred():
+        _remove_hooks(offloader)
+        _swap_in(offloader.blocks, values)
+        values.clear()  # the parameters hold the host copies now, and nothing else
+        _unguard(model)
+        object.__delattr__(model, _ATTR)
+        _free_cache(offloader)
+        try:
+            _move_experts(offloader.blocks, offloader.device)
+        except (RuntimeError, MemoryError) as e:
+            raise DeviceError(
+                f"the model is unpatched, but moving its experts to {offloader.device} failed ({e}); they "
+                f"are in host memory: free device memory, then call model.to({str(offloader.device)!r})"
+            ) from e
+
+
+def _remove_hooks(offloader: Offloader) -> None:
     for hook in offloader._hooks:
         hook.remove()
-    _restore(offloader.cache, offloader.blocks, offloader.device, with_values)
-    object.__delattr__(model, _ATTR)
+    offloader._hooks.clear()
+
+
+def _free_cache(offloader: Offloader) -> None:
+    """Drops the offloader's cache and slot pool. The cache keeps the pool's
+    memory alive, so while that memory lives the cache does: when a reference
+    cycle (a hook's closure) still holds it, collect the cycle now."""
+    pool_memory = weakref.ref(offloader.pool.memory)
+    offloader._close()
+    if pool_memory() is not None:
+        gc.collect()
 
 
 def is_patched(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
-def _watch_requests(model: nn.Module, tracker: RequestTracker) -> Any:
-    """Starts a new request (one per sequence) whenever the model begins
-    one: an encoder-decoder model runs its encoder once per request
-    (`generate` calls it on its own, before the decoder steps); a decoder-only
-    model starts with a forward pass that has nothing cached yet."""
+def _watch_requests(model: nn.Module, tracker: RequestTracker, device: torch.device) -> GatedMethods:
+    """Runs the model's forward passes and `generate` calls one at a time
+    through a `PassGate` (threads sharing the model take turns; slots that an
+    interrupted pass left held are released), and starts a new request (one
+    per sequence) whenever the model begins one: an encoder-decoder model
+    runs its encoder once per request (`generate` calls it on its own, before
+    the decoder steps); a decoder-only model starts with a forward pass that
+    has nothing cached yet. The encoder is gated too, since `generate` calls
+    it outside the model's forward."""
+    gate = PassGate(tracker.cache, device)
     encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
+    methods = [gate.wrap(model, "generate")] if callable(getattr(model, "generate", None)) else []
     if encoder is not None:
-        return encoder.register_forward_pre_hook(_begin_hook(tracker, always=True), with_kwargs=True)
-    return model.register_forward_pre_hook(_begin_hook(tracker, always=False), with_kwargs=True)
+        methods.append(gate.wrap(model, "forward"))
+        methods.append(gate.wrap(encoder, "forward", before=_begin_hook(tracker, always=True)))
+    else:
+        methods.append(gate.wrap(model, "forward", before=_begin_hook(tracker, always=False)))
+    return GatedMethods(methods)
 
 
 def _begin_hook(tracker: RequestTracker, always: bool) -> Any:
@@ -342,32 +450,120 @@ def _begin_hook(tracker: RequestTracker, always: bool) -> Any:
 def _save_at_exit(ref: weakref.ref) -> None:
     offloader = ref()
     if offloader is not None and is_patched(offloader.model):
-        try:
-            offloader.save_eamc()
-        except MoeOffloadError as e:
-            log.warning("moe-offload: could not save the EAMC at exit: %s", e)
+        _save_eamc_or_warn(offloader, "at exit")
 
 
-def _resolve_device(
-    model: nn.Module, blocks: list[ExpertBlock], device: str | torch.device | None
-) -> torch.device:
-    if device is None:
-        expert_params = {id(p) for b in blocks for p in b.parameters()}
-        others = [p.device for p in model.parameters() if id(p) not in expert_params and not p.is_meta]
-        target = others[0] if others else torch.device("cpu")
-    else:
-        try:
-            target = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise MoeOffloadError(f"device={device!r} is not a device: {e}") from None
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MoeOffloadError(f"device={str(target)!r} was asked for but torch sees no CUDA device")
-        if target.index is None:
-            target = torch.device("cuda", torch.cuda.current_device())
-    elif target.type != "cpu":
-        raise MoeOffloadError(f"device={str(target)!r} is not supported; use 'cpu' or 'cuda[:N]'")
-    return target
+def _save_eamc_or_warn(offloader: Offloader, when: str) -> None:
+    """Saves the EAMC; failing to is a warning: what it learned is lost, but
+    the model must still be unpatched (and the interpreter exit) cleanly."""
+    try:
+        offloader.save_eamc()
+    except (MoeOffloadError, OSError) as e:
+        warnings.warn(
+            f"moe-offload: could not save the EAMC {when} to {offloader.eamc_path}: {e}. What it learned "
+            "is lost; choose a writable eamc_path, or call offloader.save_eamc(path) before unpatching.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _default_device(model: nn.Module, blocks: list[ExpertBlock]) -> torch.device:
+    """Where the model's non-expert weights are (the CPU when none holds data)."""
+    expert_params = {id(p) for b in blocks for p in b.parameters()}
+    others = [p.device for p in model.parameters() if id(p) not in expert_params and not p.is_meta]
+    return others[0] if others else torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device, option: str = "device") -> torch.device:
+    """`device` as a torch device with its index, if this machine has it:
+    "cpu" or "cuda[:N]"; else a `DeviceError` saying what to use instead.
+    `patch`, `from_pretrained` and the commands (`option="--device"`) all
+    resolve their device here."""
+    command = option.startswith("--")
+    asked = f"{option} {device}" if command else f"{option}={str(device)!r}"
+    use = "use cpu, cuda or cuda:N" if command else "use 'cpu' or 'cuda[:N]'"
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{asked} is not a device; {use}") from None
+    if target.type == "cpu":
+        return target
+    if target.type != "cuda":
+        raise DeviceError(f"{asked} is not supported; {use}")
+    if not torch.cuda.is_available():
+        cpu = f"{option} cpu" if command else f"{option}='cpu'"
+        raise DeviceError(
+            f"{asked} was asked for but torch sees no CUDA device (no GPU, no driver, or a "
+            f"CPU-only torch {torch.__version__}); use {cpu}"
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if target.index is None else target.index
+    if index >= count:
+        raise DeviceError(
+            f"{asked} does not exist: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+    return torch.device("cuda", index)
+
+
+def check_arguments(
+    *,
+    device_budget: int | str | None = None,
+    host_budget: int | str | None = None,
+    policy: str = POLICIES[0],
+    eamc_path: str | Path | None = None,
+    eamc_capacity: int = 1,
+    prefetch_depth: int | None = None,
+    copy_workers: int = 1,
+    io_workers: int = 1,
+    show_progress: bool | None = None,
+) -> None:
+    """Checks the arguments `patch` and `from_pretrained` share, before
+    anything is allocated: each error names the argument and the fix."""
+    for name, size in (("device_budget", device_budget), ("host_budget", host_budget)):
+        if size is not None:
+            parse_size(size, name)
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise MoeOffloadError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if eamc_path is not None and not isinstance(eamc_path, (str, os.PathLike)):
+        raise MoeOffloadError(f"eamc_path={eamc_path!r} is not a path; pass a str or a pathlib.Path")
+    _check_count(
+        "eamc_capacity",
+        eamc_capacity,
+        1,
+        MAX_EAMC_CAPACITY,
+        "the number of requests the EAMC keeps (default 1000)",
+    )
+    if prefetch_depth is not None:
+        _check_count(
+            "prefetch_depth", prefetch_depth, 0, MAX_PREFETCH_DEPTH, "prefetches per plan (default 8)"
+        )
+    _check_count("copy_workers", copy_workers, 1, MAX_WORKERS, "copy threads (default 1)")
+    _check_count("io_workers", io_workers, 1, MAX_WORKERS, "threads reading experts from disk (default 8)")
+    if show_progress is not None and not isinstance(show_progress, bool):
+        raise MoeOffloadError(
+            f"show_progress={show_progress!r}: pass True, False, or None (a bar only on a terminal)"
+        )
+
+
+def _check_count(name: str, value: object, low: int, high: int | None, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MoeOffloadError(f"{name}={value!r} is not an integer; it is {meaning}")
+    if value < low or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"from {low} to {high}"
+        raise MoeOffloadError(f"{name}={value} is out of range: it is {meaning} and must be {bounds}")
+
+
+def check_eamc_fits(capacity: int, layers: int, experts: int, asked: str) -> None:
+    """Refuses an EAMC capacity above what the core allows for this shape on
+    this machine (at most MAX_EAMC_CAPACITY entries, within half of its
+    memory), naming the argument as `asked` spells it."""
+    most = max_eamc_capacity(layers, experts)
+    if capacity > most:
+        raise MoeOffloadError(
+            f"{asked} is too large: an EAMC of {layers} MoE layers x {experts} experts holds at most {most} "
+            f"requests on this machine (at most {MAX_EAMC_CAPACITY}, within half of its memory); "
+            "the default is 1000"
+        )
 
 
 def _core_device(device: torch.device) -> str:
@@ -383,7 +579,7 @@ def _bytes_to_move(model: nn.Module, blocks: list[ExpertBlock], device: torch.de
 
 
 def _budget(
-    device_budget: int | str | None,
+    device_budget: int | None,
     blocks: list[ExpertBlock],
     slot_bytes: int,
     device: torch.device,
@@ -406,7 +602,7 @@ def _budget(
         if host_budget is not None:
             return max(minimum, min(everything, host_budget // 4))
         return everything
-    budget = parse_size(device_budget, "device_budget")
+    budget = device_budget
     if budget < minimum:
         raise BudgetError(
             f"device_budget={format_size(budget)} ({budget} bytes) is below the minimum of "
@@ -429,7 +625,9 @@ def load_every_expert_that_fits(cache: ExpertCache, blocks: list[ExpertBlock], d
         for expert in experts:
             cache.wait(layer, expert, stream)
         cache.release(layer, experts, stream)
-    cache.reset_stats()
+    # Filling the slots is not the model's traffic; what the host cache read
+    # up front (from a store) stays visible.
+    cache.reset_stats(host=False)
 
 
 def _fill_host_tier(cache: ExpertCache, layer: int, block: ExpertBlock) -> None:
@@ -465,14 +663,14 @@ def _move_non_experts(model: nn.Module, device: torch.device) -> None:
                     module._buffers[name] = buffer.to(device)
 
 
-def _restore(
-    cache: ExpertCache, blocks: list[ExpertBlock], device: torch.device, with_values: bool = True
-) -> None:
-    """Ordinary expert parameters again, holding the cache's values (or, with
-    `with_values` false, none: meta tensors, as a model built without weights)."""
-    # Last offloaded first: blocks may share state (one config for every
-    # layer), and undoing in reverse leaves what was there before the first.
-    for layer, block in reversed(list(enumerate(blocks))):
+def _read_back(
+    cache: ExpertCache, blocks: list[ExpertBlock], with_values: bool = True
+) -> list[dict[str, torch.Tensor]]:
+    """Per block, every expert's values stacked into new host tensors (with
+    `with_values` false, none: meta tensors, as a model built without
+    weights). Changes nothing, so a failure here leaves the patch intact."""
+    values = []
+    for layer, block in enumerate(blocks):
         tensors: dict[str, torch.Tensor] = {}
         for spec in block.specs:
             shape = (block.num_experts, *spec.shape)
@@ -482,5 +680,109 @@ def _restore(
             stacked = torch.empty(shape, dtype=spec.dtype)
             for expert in range(block.num_experts):
                 cache.read_expert(layer, expert, spec.offset, stacked[expert].data_ptr(), spec.nbytes)
-            tensors[spec.name] = stacked.to(device)
+            tensors[spec.name] = stacked
+        values.append(tensors)
+    return values
+
+
+def _swap_in(blocks: list[ExpertBlock], values: list[dict[str, torch.Tensor]]) -> None:
+    """Ordinary expert parameters again, holding `values` (see `_read_back`)."""
+    # Last offloaded first: blocks may share state (one config for every
+    # layer), and undoing in reverse leaves what was there before the first.
+    for block, tensors in reversed(list(zip(blocks, values, strict=True))):
         block.restore(tensors)
+
+
+def _move_experts(blocks: list[ExpertBlock], device: torch.device) -> None:
+    """Moves the restored expert parameters (in host memory) to `device`,
+    one at a time, each host copy freed as its parameter moves."""
+    with torch.no_grad():
+        for block in blocks:
+            for param in block.parameters():
+                if not param.is_meta and param.device != device:
+                    param.data = param.data.to(device)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Holds Ctrl-C back while the block runs (statements that must run all
+    or none), then delivers it. Signals only ever interrupt the main thread."""
+    # Only the main thread can set a handler, and only over one set from Python.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+
+
+# What a patched model refuses: casts and moves (`.to`, `.cuda`, `.cpu`,
+# `.half`, `.float`, `.bfloat16`, `.type`, `.to_empty` all call `_apply`)
+# would reach the experts' data-less placeholders, and `save_pretrained`
+# would write them.
+_GUARDED = ("_apply", "save_pretrained")
+
+
+def _guarded_modules(model: nn.Module, blocks: list[ExpertBlock]) -> list[nn.Module]:
+    """The model, every module above an expert block, the block and the
+    modules inside it: those whose casts or moves reach the experts."""
+    names = [b.name for b in blocks]
+    return [
+        module
+        for name, module in model.named_modules()
+        if any(n == name or n.startswith(f"{name}.") or name.startswith(f"{n}.") for n in names) or not name
+    ]
+
+
+def _guard(model: nn.Module, blocks: list[ExpertBlock]) -> None:
+    for module in _guarded_modules(model, blocks):
+        module.__dict__["_apply"] = types.MethodType(_apply_while_patched, module)
+    if hasattr(model, "save_pretrained"):
+        model.__dict__["save_pretrained"] = types.MethodType(_save_while_patched, model)
+
+
+def _unguard(model: nn.Module) -> None:
+    for module in model.modules():
+        for name in _GUARDED:
+            module.__dict__.pop(name, None)
+
+
+def _apply_while_patched(
+    self: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+) -> nn.Module:
+    """`nn.Module._apply` on a patched model: allowed when it changes no
+    tensor (a move to where the model is, a cast to its dtype), else refused."""
+    tensors = [t for t in chain(self.parameters(), self.buffers()) if not t.is_meta]
+    kinds = {(t.dtype, t.device) for t in tensors}
+    # Empty stand-ins of each kind first, so that a real change is refused
+    # before it copies anything; then `fn` on the tensors themselves (for
+    # in-place effects such as `share_memory_`), which must come back as they are.
+    stand_ins = [torch.empty(0, dtype=dtype, device=device) for dtype, device in kinds]
+    if not all(_unchanged_by(fn, t) for t in chain(stand_ins, tensors)):
+        raise PatchStateError(
+            f"{type(self).__name__} is patched by moe-offload: its experts are in the offloader's cache, not "
+            "in the model, so it cannot be moved or cast (.to, .cuda, .cpu, .half, ...). Call "
+            "moe_offload.unpatch(model) first, change the model, then patch it again."
+        )
+    return self
+
+
+def _unchanged_by(fn: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            return fn(tensor) is tensor
+    except Exception:  # e.g. a move to a device this machine lacks: a change all the same
+        return False
+
+
+def _save_while_patched(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise PatchStateError(
+        f"{type(self).__name__} is patched by moe-offload: its experts are in the offloader's cache, not in "
+        "the model, so save_pretrained would write empty weights. Call moe_offload.unpatch(model) first, "
+        "then save_pretrained (nothing was written)."
+    )

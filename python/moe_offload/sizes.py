@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import re
+from fractions import Fraction
 
 from moe_offload._core import MoeOffloadError
 
@@ -18,25 +20,50 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_FORMS = "write a byte count or a string like '8GiB', '512MiB' or '2.5GB'"
+_SIZE = re.compile(r"^\s*(\d+)(\.\d+)?\s*([a-zA-Z]*)\s*$")
+
+# The largest size accepted: 1 EiB, beyond any machine's memory, so a larger
+# value is a typo. Every byte count derived from it fits the core's 64 bits.
+MAX_BYTES = 2**60
 
 
 def parse_size(value: int | str, what: str = "size") -> int:
-    """Bytes in `value`: an int, or a string like "8GiB", "1.5 GB", "4096"."""
-    if isinstance(value, bool):
-        raise MoeOffloadError(f"{what} must be a byte count or a size string like '8GiB', not {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise MoeOffloadError(f"{what} must not be negative (got {value})")
-        return value
+    """Bytes in `value`: an int, or a string like "8GiB", "1.5 GB", "4096".
+    Raises `MoeOffloadError` naming `what` for anything else, a negative
+    size, or one above `MAX_BYTES`."""
     if isinstance(value, str):
-        match = _SIZE.match(value)
-        unit = match.group(2).lower() if match else None
-        if match and unit in _UNITS:
-            return int(float(match.group(1)) * _UNITS[unit])
-    raise MoeOffloadError(
-        f"{what}={value!r} is not a size; write a byte count or a string like '8GiB', '512MiB' or '2.5GB'"
-    )
+        size = _parse_string(value, what)
+    elif isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise MoeOffloadError(f"{what}={_shown(value)} is not a size; {_FORMS}")
+    else:
+        size = operator.index(value)
+    if size < 0:
+        raise MoeOffloadError(f"{what} must not be negative (got {size}); give the bytes to use, e.g. '8GiB'")
+    if size > MAX_BYTES:
+        raise MoeOffloadError(
+            f"{what}={_shown(value)} is more than 1 EiB (2**60 bytes), beyond any machine's memory; "
+            "give the bytes to use, e.g. '8GiB', or leave it unset for the default"
+        )
+    return size
+
+
+def _parse_string(value: str, what: str) -> int:
+    match = _SIZE.match(value)
+    unit = match.group(3).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise MoeOffloadError(f"{what}={_shown(value)} is not a size; {_FORMS}")
+    whole, fraction = match.group(1).lstrip("0"), (match.group(2) or "")[:30]
+    if len(whole) > len(str(MAX_BYTES)):
+        return MAX_BYTES + 1  # too large whatever the unit (and too long for int())
+    # Exact arithmetic: a float would round large sizes and overflow on huge ones.
+    return int(Fraction((whole or "0") + fraction) * _UNITS[unit])
+
+
+def _shown(value: object) -> str:
+    """`value` as an error message quotes it: its repr, shortened."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def format_size(n: float) -> str:
