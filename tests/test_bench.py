@@ -5,16 +5,20 @@ complete."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from moe_offload import MoeOffloadError
-from moe_offload.bench import shapes
+import moe_offload
+from moe_offload import MoeOffloadError, cli, preflight
+from moe_offload.bench import e2e, report, shapes
+from moe_offload.bench.quiet import third_party_output_held_back
 from moe_offload.bench.router_replay import RouterReplay
 from moe_offload.traces import Request, Trace, write_trace
 
@@ -91,6 +95,9 @@ def test_the_bench_command_writes_a_complete_report(tmp_path):
     assert all(f"| {name} |" in table for name in systems)
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| activation-aware 25% |" in result.stdout
+    # accelerate's own warning is held back while measuring, and counted.
+    assert "Some parameters are on the meta device" not in result.stderr
+    assert "from other libraries while measuring held back" in result.stderr
 
 
 @pytest.mark.parametrize("script", ["e2e.py", "store.py"])
@@ -102,3 +109,93 @@ def test_the_benchmark_scripts_start(script):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:")
+
+
+def _bench(argv):
+    return e2e.main(cli._parser().parse_args(["bench", *argv]))
+
+
+PREFLIGHT = {
+    "no CUDA device": (["--device", "cuda"], "torch sees no CUDA device"),
+    "accelerate missing": (
+        [],
+        'accelerate (one of the systems compared); install them with: pip install "moe-offload[bench]"',
+    ),
+    "matplotlib missing for --out": (["--skip-accelerate", "--out", "OUT"], "matplotlib (the latency plot"),
+    "too little memory": (
+        ["--skip-accelerate"],
+        "memory; this machine has 1.00 MiB available: shrink it with --layers N, --hidden H or --experts E",
+    ),
+    "a trace of another shape": (["--skip-accelerate", "--trace", "TRACE"], "choose the matching --model"),
+    "too little device memory": (
+        ["--skip-accelerate", "--device", "cuda:0"],
+        "free there: lower --sweep and --budget-fraction, or shrink it",
+    ),
+}
+
+
+@pytest.mark.parametrize("argv, message", PREFLIGHT.values(), ids=PREFLIGHT.keys())
+def test_the_bench_checks_what_it_needs_before_building_the_model(argv, message, monkeypatch, tmp_path):
+    """A device that is not there, a missing optional package, a model too big
+    for the machine, a trace of another shape: each is a clear error before
+    the model is built (the probes are faked; nothing big is ever built)."""
+
+    def build(*args, **kwargs):
+        raise AssertionError("the model was built before the checks")
+
+    monkeypatch.setattr(shapes, "build", build)
+    if "device memory" in message or "free there" in message:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 << 20, 1 << 30))
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if "accelerate" in message:
+        monkeypatch.setitem(sys.modules, "accelerate", None)
+    if "matplotlib" in message:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+    if "memory; this machine has" in message:
+        monkeypatch.setattr(preflight, "available_host_memory", lambda: 1 << 20)
+    random_trace(tmp_path / "t.jsonl", layers=2, experts=8, top_k=2)
+    argv = [{"OUT": str(tmp_path / "out"), "TRACE": str(tmp_path / "t.jsonl")}.get(a, a) for a in argv]
+    with pytest.raises(MoeOffloadError) as raised:
+        _bench(["--model", "deepseek-v2-lite", "--layers", "2", "--hidden", "64", *argv])
+    assert message in str(raised.value)
+
+
+def test_a_failed_plot_writes_no_part_of_the_report(monkeypatch, tmp_path):
+    def plot(report, path):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(report, "plot", plot)
+    with pytest.raises(ImportError):
+        report.write_report({"unused": True}, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_libraries_warnings_are_held_back_and_ours_kept(caplog):
+    ours = Path(moe_offload.__file__).parent / "offloader.py"
+    with pytest.warns(UserWarning, match="our warning"):
+        with third_party_output_held_back() as held:
+            logging.getLogger("accelerate.big_modeling").warning("their log record")
+            logging.getLogger("moe_offload.offloader").warning("our log record")
+            warnings.warn("their warning", UserWarning, stacklevel=1)
+            warnings.warn_explicit("our warning", UserWarning, str(ours), 1)
+    assert held == ["accelerate.big_modeling: their log record", "UserWarning: their warning"]
+    assert "our log record" in caplog.text and "their log record" not in caplog.text
+
+
+def test_a_scaled_hidden_size_builds_a_model_that_runs():
+    """Scaling the hidden size scales the attention heads: they must divide
+    it (and leave an even head size where it is derived). Checked on the
+    meta device: shapes only, nothing allocated."""
+    for name in shapes.SHAPES:
+        for hidden in (8, 24, 72, 200, 328, 440, 704, 1000):
+            config = shapes.config_for(name, layers=1, hidden=hidden)
+            config.vocab_size = 64
+            with torch.device("meta"):
+                model = shapes.tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+                with torch.no_grad():
+                    model(torch.zeros(1, 3, dtype=torch.long))
+        with pytest.raises(MoeOffloadError, match="--hidden 12"):
+            shapes.config_for(name, hidden=12)

@@ -4,39 +4,101 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from moe_offload._core import MoeOffloadError
+
+VERBOSE_HELP = "log what moe-offload does (INFO); twice (-vv) for DEBUG too (default: warnings only)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error on one line (exit status 2, as argparse)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     from moe_offload import __version__
 
-    parser = argparse.ArgumentParser(prog="moe-offload", description=__doc__)
+    parser = _Parser(prog="moe-offload", description=__doc__)
     parser.add_argument("--version", action="version", version=f"moe-offload {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="build a small random Mixtral-style model, offload it, generate")
-    demo.add_argument("--layers", type=int, default=4)
-    demo.add_argument("--experts", type=int, default=8)
-    demo.add_argument("--hidden", type=int, default=256)
-    demo.add_argument("--tokens", type=int, default=32)
-    demo.add_argument(
-        "--budget-fraction", type=float, default=0.25, help="device budget as a share of expert bytes"
+    _demo_parser(commands)
+    _convert_parser(commands)
+    _replay_parser(commands)
+    _bench_parser(commands)
+    for command in commands.choices.values():
+        # Also after the command (`moe-offload bench -v`); SUPPRESS keeps a
+        # flag given before the command.
+        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    return parser
+
+
+def _demo_parser(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="build a small random Mixtral-style model, offload it, generate",
+        description="Builds a small Mixtral-style model with random weights twice, offloads one copy, "
+        "generates with both, checks that the tokens are the same and compares their speed.",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--layers", type=int, default=4, metavar="N", help="decoder layers, each MoE (default: 4)"
+    )
+    demo.add_argument(
+        "--experts", type=int, default=8, metavar="E", help="experts per layer, top-2 routed (default: 8)"
+    )
+    demo.add_argument(
+        "--hidden", type=int, default=256, metavar="H", help="hidden size, a multiple of 16 (default: 256)"
+    )
+    demo.add_argument(
+        "--tokens", type=int, default=32, metavar="N", help="tokens per generation (default: 32)"
+    )
+    demo.add_argument(
+        "--runs",
+        type=int,
+        default=5,
+        metavar="N",
+        help="timed generations of each model, after one warm-up each; the median is shown (default: 5)",
+    )
+    demo.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=0.25,
+        metavar="F",
+        help="device budget as a share of the expert bytes, in (0, 1] (default: 0.25)",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt (default: 0)")
+
+
+def _convert_parser(commands: argparse._SubParsersAction) -> None:
     convert = commands.add_parser(
         "convert", help="write the expert store for a Hugging Face safetensors checkpoint"
     )
     convert.add_argument("checkpoint", help="checkpoint directory (config.json and safetensors shards)")
     convert.add_argument("store", help="directory of the expert store to write")
     convert.add_argument(
-        "--dtype", help="convert weights to this dtype (default: the config's), e.g. bfloat16"
+        "--dtype", help="convert weights to this dtype, e.g. bfloat16 (default: the config's)"
     )
-    convert.add_argument("--overwrite", action="store_true", help="replace a store already in that directory")
-    _replay_parser(commands)
-    _bench_parser(commands)
-    return parser
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a store already in that directory (default: refuse to)",
+    )
+    convert.add_argument(
+        "--verify",
+        action="store_true",
+        help="first check every checkpoint file against the hash its Hugging Face Hub download recorded "
+        "(default: trust the checkpoint)",
+    )
 
 
 def _bench_parser(commands: argparse._SubParsersAction) -> None:
@@ -63,75 +125,148 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
         "with a simulated clock: a copy takes expert-bytes / bandwidth, each MoE layer computes for a "
         "fixed time, and a needed expert that has not arrived stalls the clock.",
     )
-    replay.add_argument("trace", nargs="+", type=Path, help="trace files or directories")
-    replay.add_argument("--format", choices=FORMATS, default="auto")
     replay.add_argument(
-        "--capacity", type=float, default=defaults.capacity, help="device slots as a share of all experts"
+        "trace", nargs="+", type=Path, help="trace files, or directories read for their trace files"
     )
     replay.add_argument(
-        "--policy", nargs="+", choices=POLICIES, default=list(POLICIES), help="policies to compare"
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="trace format; auto tells them apart by file name and first line (default: %(default)s)",
     )
-    replay.add_argument("--bandwidth-gbps", type=float, default=defaults.bandwidth_gbps)
-    replay.add_argument("--layer-compute-us", type=float, default=defaults.layer_compute_us)
     replay.add_argument(
-        "--expert-bytes", type=int, help="bytes of one expert (default: known from the trace's model shape)"
+        "--capacity",
+        type=float,
+        default=defaults.capacity,
+        metavar="FRACTION",
+        help="device slots as a share of all experts, in (0, 1] (default: %(default)s)",
     )
-    replay.add_argument("--limit", type=int, help="read only the first N requests of the trace")
+    replay.add_argument(
+        "--policy",
+        nargs="+",
+        choices=POLICIES,
+        default=list(POLICIES),
+        metavar="NAME",
+        help=f"policies to compare, of {', '.join(POLICIES)} (default: all of them)",
+    )
+    replay.add_argument(
+        "--bandwidth-gbps",
+        type=float,
+        default=defaults.bandwidth_gbps,
+        metavar="B",
+        help="host-to-device copy bandwidth in GB/s (default: %(default)s, PCIe Gen5)",
+    )
+    replay.add_argument(
+        "--layer-compute-us",
+        type=float,
+        default=defaults.layer_compute_us,
+        metavar="T",
+        help="compute time of one MoE layer in microseconds (default: %(default)s)",
+    )
+    replay.add_argument(
+        "--expert-bytes",
+        type=int,
+        metavar="N",
+        help="bytes of one expert (default: the bf16 size of the model the trace's routing shape is "
+        "known from: DeepSeek-V2-Lite, Mixtral-8x7B, Qwen3-30B-A3B)",
+    )
+    replay.add_argument(
+        "--limit", type=int, metavar="N", help="read only the first N requests (default: all of them)"
+    )
     replay.add_argument(
         "--warmup",
         type=int,
         default=defaults.warmup,
-        help="the last N requests read only fill the EAMC before the replay; they are not measured",
+        metavar="N",
+        help="the last N requests read only fill the EAMC; they are not measured (default: %(default)s)",
     )
-    replay.add_argument("--eamc-capacity", type=int, default=1000)
+    replay.add_argument(
+        "--eamc-capacity",
+        type=int,
+        default=1000,
+        metavar="K",
+        help="entries of the EAMC that activation-aware matches requests against (default: %(default)s)",
+    )
     replay.add_argument(
         "--replacement",
         choices=("least-matched", "oldest", "most-similar"),
         default="least-matched",
-        help="which EAMC entry a full collection gives up",
+        help="which EAMC entry a full collection gives up (default: %(default)s)",
     )
-    replay.add_argument("--json", action="store_true", help="print one JSON object")
+    replay.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of tables (default: tables)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _configure_logging(args.verbose)
     try:
-        if args.command == "demo":
-            from moe_offload.demo import run
-
-            return run(args.layers, args.experts, args.hidden, args.tokens, args.budget_fraction, args.seed)
-        if args.command == "convert":
-            from moe_offload.conversion import convert
-
-            print(
-                convert(
-                    args.checkpoint,
-                    args.store,
-                    dtype=args.dtype,
-                    overwrite=args.overwrite,
-                    show_progress=True,
-                )
-            )
-            return 0
-        if args.command == "replay":
-            return _replay(args)
-        if args.command == "bench":
-            from moe_offload.bench import e2e
-
-            return e2e.main(args)
+        return _run(args)
     except MoeOffloadError as e:
         print(f"moe-offload: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A file or directory the command was pointed at (or one it writes).
+        print(f"moe-offload: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-offload: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from moe_offload.demo import run
+
+        return run(
+            args.layers, args.experts, args.hidden, args.tokens, args.budget_fraction, args.seed, args.runs
+        )
+    if args.command == "convert":
+        from moe_offload.conversion import convert
+
+        print(
+            convert(
+                args.checkpoint,
+                args.store,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                verify=args.verify,
+                show_progress=True,
+            )
+        )
+        return 0
+    if args.command == "replay":
+        return _replay(args)
+    if args.command == "bench":
+        from moe_offload.bench import e2e
+
+        return e2e.main(args)
     return 1
+
+
+def _configure_logging(verbosity: int) -> None:
+    """--verbose: the `moe_offload` logger's INFO records on stderr; twice, DEBUG too."""
+    if verbosity <= 0:
+        return
+    logger = logging.getLogger("moe_offload")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbosity == 1 else logging.DEBUG)
+    logger.propagate = False
 
 
 def _replay(args: argparse.Namespace) -> int:
     from moe_offload import lab
+    from moe_offload.offloader import check_eamc_fits
     from moe_offload.traces import read_trace
 
-    if not 0 < args.capacity <= 1:
-        raise MoeOffloadError(f"--capacity {args.capacity} must be a share of the experts in (0, 1]")
+    _check_replay_numbers(args)
     trace = read_trace(args.trace, args.format, args.limit)
+    check_eamc_fits(
+        args.eamc_capacity, trace.num_layers, trace.num_experts, f"--eamc-capacity {args.eamc_capacity}"
+    )
     params = lab.LabParams(
         capacity=args.capacity,
         bandwidth_gbps=args.bandwidth_gbps,
@@ -139,9 +274,16 @@ def _replay(args: argparse.Namespace) -> int:
         expert_bytes=args.expert_bytes,
         warmup=args.warmup,
     )
-    report = lab.run(
-        trace, args.policy, params, eamc_capacity=args.eamc_capacity, replacement=args.replacement
-    )
+    measured = max(len(trace.requests) - args.warmup, 0)
+    with _replay_progress(args.policy, measured) as progress:
+        report = lab.run(
+            trace,
+            args.policy,
+            params,
+            eamc_capacity=args.eamc_capacity,
+            replacement=args.replacement,
+            progress=progress,
+        )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -149,7 +291,8 @@ def _replay(args: argparse.Namespace) -> int:
     print(
         f"trace {t['source']}: {t['requests']} requests, {t['tokens']} tokens measured "
         f"({t['warmup_requests']} warm-up requests), {t['layers']} MoE layers x {t['experts']} experts, "
-        f"top-{t['top_k']}"
+        f"top-{t['top_k']}; next_token_reuse {t['next_token_reuse']:.3f} (share of a token's experts "
+        "at a layer that the previous token used there)"
     )
     print(
         f"cache: {p['slots']} of {p['total_experts']} experts ({p['capacity']:.0%}); "
@@ -159,6 +302,73 @@ def _replay(args: argparse.Namespace) -> int:
     )
     print(lab.table(report))
     return 0
+
+
+# An expert far larger than any model's (Mixtral-8x7B: 352 MB) that still
+# keeps a long replay's byte counters (copies x expert bytes) within 64 bits.
+MAX_EXPERT_BYTES = 1 << 36
+
+
+def _check_replay_numbers(args: argparse.Namespace) -> None:
+    """`replay`'s numbers, checked before anything is read or sized from
+    them. The clock sums copy and compute times over every layer of every
+    token: the bounds keep it finite (NaN fails every comparison)."""
+    checks = (
+        ("--capacity", args.capacity, 0 < args.capacity <= 1, "a share of the experts in (0, 1]"),
+        (
+            "--bandwidth-gbps",
+            args.bandwidth_gbps,
+            1e-6 <= args.bandwidth_gbps < math.inf,
+            "a finite number of GB/s, at least 1e-6",
+        ),
+        (
+            "--layer-compute-us",
+            args.layer_compute_us,
+            0 < args.layer_compute_us <= 1e9,
+            "a number of microseconds in (0, 1e9]",
+        ),
+        (
+            "--expert-bytes",
+            args.expert_bytes,
+            args.expert_bytes is None or 1 <= args.expert_bytes <= MAX_EXPERT_BYTES,
+            f"a byte count in 1..{MAX_EXPERT_BYTES} (64 GiB)",
+        ),
+        ("--limit", args.limit, args.limit is None or args.limit >= 1, "a number of requests, at least 1"),
+        ("--warmup", args.warmup, args.warmup >= 0, "a number of requests, at least 0"),
+        ("--eamc-capacity", args.eamc_capacity, args.eamc_capacity >= 1, "a number of entries, at least 1"),
+    )
+    for option, value, ok, what in checks:
+        if not ok:
+            raise MoeOffloadError(f"{option} {value} must be {what}")
+
+
+@contextmanager
+def _replay_progress(policies: list[str], requests: int) -> Iterator[Callable[[str, int], None]]:
+    """Requests replayed so far, on stderr: a bar on a terminal; elsewhere
+    (a log) one line as each policy finishes."""
+    from tqdm.auto import tqdm
+
+    started = time.monotonic()
+    terminal = sys.stderr.isatty()
+    bar = tqdm(
+        total=len(policies) * requests, unit="request", desc="replay", leave=False, disable=not terminal
+    )
+
+    def report(policy: str, done: int) -> None:
+        bar.set_description(f"replay {policy}", refresh=False)
+        bar.update(1)
+        if done == requests and not terminal:
+            print(
+                f"replay: {policy} done ({policies.index(policy) + 1} of {len(policies)} policies, "
+                f"{requests} requests, {time.monotonic() - started:.1f} s so far)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    try:
+        yield report
+    finally:
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
+import os
 import platform
 import shutil
 import statistics
@@ -40,9 +42,18 @@ import moe_offload
 from moe_offload._core import MoeOffloadError
 from moe_offload.adapters import find_expert_blocks
 from moe_offload.bench import shapes
+from moe_offload.bench.quiet import third_party_output_held_back
 from moe_offload.bench.router_replay import RouterReplay
+from moe_offload.offloader import resolve_device
+from moe_offload.preflight import (
+    USABLE_SHARE,
+    check_device_memory,
+    check_host_memory,
+    model_bytes,
+    require,
+)
 from moe_offload.sizes import format_size
-from moe_offload.traces import FORMATS, read_trace
+from moe_offload.traces import FORMATS, Trace, read_trace
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # On a CPU device a real shape would take hours: unless told otherwise the
@@ -53,6 +64,8 @@ CPU_LAYERS, CPU_HIDDEN = 4, 512
 # are measured in interleaved rounds there. On a GPU one round, since each
 # round patches the model anew.
 CPU_ROUNDS = 3
+
+_log = logging.getLogger("moe_offload.bench")
 
 
 @dataclass
@@ -170,18 +183,29 @@ class Decoder:
                     run.bytes_to_device += after[2] - before[2]
 
 
-def _requests(
-    settings: Settings, vocab: int, replay: RouterReplay | None
-) -> tuple[list[Request], list[Request]]:
+def _read_trace(settings: Settings, config: Any) -> Trace | None:
+    """The routing trace, read and checked against the model shape before
+    the model is built."""
+    if not settings.trace:
+        return None
+    trace = read_trace(settings.trace, settings.trace_format)
+    layers, experts, top_k = shapes.routing_shape(config, settings.model)
+    if trace.num_layers < layers or trace.num_experts > experts or trace.top_k != top_k:
+        raise MoeOffloadError(
+            f"the trace routes {trace.num_layers} MoE layers over {trace.num_experts} experts, "
+            f"top-{trace.top_k}; --model {settings.model} has {layers} MoE layers of {experts} experts, "
+            f"top-{top_k}: choose the matching --model (and --layers at most {trace.num_layers})"
+        )
+    return trace
+
+
+def _requests(settings: Settings, vocab: int, trace: Trace | None) -> tuple[list[Request], list[Request]]:
     """Warm-up and measured requests: prompts of random tokens and, with a
     trace, the routing of disjoint trace requests long enough to serve."""
     needed = settings.prompt_tokens + settings.new_tokens
     count = settings.warmup_requests + settings.requests
     routings: list[np.ndarray | None] = [None] * count
-    if settings.trace:
-        trace = read_trace(settings.trace, settings.trace_format)
-        assert replay is not None
-        replay.check(trace.num_layers, trace.num_experts, trace.top_k)
+    if trace is not None:
         long_enough = [r.routing for r in trace.requests if r.tokens >= needed]
         if len(long_enough) < count:
             raise MoeOffloadError(
@@ -299,8 +323,6 @@ def _cpu_name() -> str:
 
 
 def _cores() -> int | None:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
@@ -353,9 +375,13 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     """Measures every system; returns the results report."""
     device = torch.device(settings.device)
     config = shapes.config_for(settings.model, settings.layers, settings.hidden, settings.experts)
+    trace = _read_trace(settings, config)
     model = shapes.build(config, DTYPES[settings.dtype or "float32"], settings.seed)
-    replay = RouterReplay(model) if settings.trace else None
-    warmup, measured = _requests(settings, config.vocab_size, replay)
+    replay = None
+    if trace is not None:
+        replay = RouterReplay(model)
+        replay.check(trace.num_layers, trace.num_experts, trace.top_k)
+    warmup, measured = _requests(settings, config.vocab_size, trace)
     work = Workload(replay, warmup, measured, _expert_bytes(model))
     params = sum(p.numel() for p in model.parameters())
     log(
@@ -379,28 +405,28 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
         notes.append("resident: skipped, the model does not fit on the device")
     runs = {name: Run() for name, _, _ in plan}
     details: dict[str, dict[str, Any]] = {}
-    for round_ in range(settings.rounds):
-        for name, policy, fraction in plan if round_ % 2 == 0 else reversed(plan):
-            log(f"round {round_ + 1}/{settings.rounds}: {name} ...")
-            if policy is None:
-                _resident(model, device, settings, work, runs[name])
-            else:
-                extra = _offloaded(model, device, settings, work, runs[name], policy, fraction)
-                details[name] = dict(extra, policy=policy, budget_fraction=fraction)
+    with third_party_output_held_back() as held:
+        for round_ in range(settings.rounds):
+            for name, policy, fraction in plan if round_ % 2 == 0 else reversed(plan):
+                log(f"round {round_ + 1}/{settings.rounds}: {name} ...")
+                if policy is None:
+                    _resident(model, device, settings, work, runs[name])
+                else:
+                    extra = _offloaded(model, device, settings, work, runs[name], policy, fraction)
+                    details[name] = dict(extra, policy=policy, budget_fraction=fraction)
+        if not settings.skip_accelerate:
+            # Last, and in one round: it leaves the model dispatched, and it is
+            # many times slower than the others, far beyond any drift.
+            log("accelerate ...")
+            runs["accelerate"], note = _accelerate(model, device, settings, work)
+            details["accelerate"] = {"note": note}
+        else:
+            notes.append("accelerate: skipped on request")
+    _report_held_back(held, log)
     resident = runs.get("resident")
     base = statistics.median(resident.latencies) if resident else None
     for name, result in runs.items():
         systems[name] = dict(result.summary(base), **details.get(name, {}))
-
-    if not settings.skip_accelerate:
-        # Last, and in one round: it leaves the model dispatched, and it is
-        # many times slower than the others, far beyond any drift.
-        log("accelerate ...")
-        result, note = _accelerate(model, device, settings, work)
-        systems["accelerate"] = dict(result.summary(base), note=note)
-        runs["accelerate"] = result
-    else:
-        notes.append("accelerate: skipped on request")
 
     # Every round of a system serves the same requests: its tokens repeat.
     reference = runs.get("resident") or runs["lru"]
@@ -428,49 +454,132 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     }
 
 
+def _report_held_back(held: list[str], log: Any) -> None:
+    """Other libraries' warnings while measuring: each at INFO on the
+    `moe_offload` logger (shown with --verbose), and a count in the output."""
+    for message in held:
+        _log.info("held back while measuring: %s", message)
+    if held and not _log.isEnabledFor(logging.INFO):
+        log(f"({len(held)} warning(s) from other libraries while measuring held back; --verbose shows them)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Settings()
-    parser.add_argument("--model", choices=list(shapes.SHAPES), default=d.model, help="model shape")
     parser.add_argument(
-        "--trace", nargs="+", type=Path, default=[], help="routing trace files or directories"
-    )
-    parser.add_argument("--format", dest="trace_format", choices=FORMATS, default=d.trace_format)
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), default=d.dtype, help="default: float32 on a CPU, else bfloat16"
+        "--model", choices=list(shapes.SHAPES), default=d.model, help=f"model shape (default: {d.model})"
     )
     parser.add_argument(
-        "--layers", type=int, help=f"MoE layers (scaled-down variant; on a CPU device default {CPU_LAYERS})"
+        "--trace",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="TRACE",
+        help="routing trace files or directories to replay (default: none, the random router routes)",
+    )
+    parser.add_argument(
+        "--format",
+        dest="trace_format",
+        choices=FORMATS,
+        default=d.trace_format,
+        help=f"trace format (default: {d.trace_format}, told from the files)",
+    )
+    parser.add_argument(
+        "--device", default=d.device, help=f"where the model runs: cpu, cuda or cuda:N (default: {d.device})"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=d.dtype,
+        help="weights' dtype (default: float32 on a CPU, else bfloat16)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help=f"MoE layers, to scale the model down (default: {CPU_LAYERS} on a CPU, else the model's)",
     )
     parser.add_argument(
         "--hidden",
         type=int,
-        help=f"hidden size, widths scale along (scaled-down variant; on a CPU device default {CPU_HIDDEN})",
+        metavar="H",
+        help=f"hidden size, a multiple of 8; widths scale along "
+        f"(default: {CPU_HIDDEN} on a CPU, else the model's)",
     )
-    parser.add_argument("--experts", type=int, help="routed experts per layer (scaled-down variant)")
-    parser.add_argument("--budget-fraction", type=float, default=d.budget_fraction)
     parser.add_argument(
-        "--sweep", type=float, nargs="*", default=d.sweep, help="device budgets for the default policy"
+        "--experts", type=int, metavar="E", help="routed experts per layer (default: the model's)"
     )
-    parser.add_argument("--requests", type=int, default=d.requests, help="measured requests")
-    parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
-    parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    parser.add_argument("--new-tokens", type=int, default=d.new_tokens)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(
+        "--budget-fraction",
+        type=float,
+        default=d.budget_fraction,
+        metavar="F",
+        help=f"device budget of lru and reference, a share of the expert bytes "
+        f"(default: {d.budget_fraction})",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=d.sweep,
+        metavar="F",
+        help=f"device budgets of activation-aware, shares of the expert bytes "
+        f"(default: {' '.join(map(str, d.sweep))}, and --budget-fraction)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=d.requests,
+        metavar="N",
+        help=f"measured requests (default: {d.requests})",
+    )
+    parser.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=d.warmup_requests,
+        metavar="N",
+        help=f"requests each system serves first, unmeasured (default: {d.warmup_requests})",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=d.prompt_tokens,
+        metavar="N",
+        help=f"prompt length of every request (default: {d.prompt_tokens})",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=d.new_tokens,
+        metavar="N",
+        help=f"tokens generated per request, at least 2 (default: {d.new_tokens})",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=d.seed, help=f"seed of the weights and prompts (default: {d.seed})"
+    )
     parser.add_argument(
         "--rounds",
         type=int,
-        help=f"measure every system this many times, interleaved (default {CPU_ROUNDS} on a CPU, else 1)",
+        metavar="N",
+        help=f"measure every system this many times, interleaved (default: {CPU_ROUNDS} on a CPU, else 1)",
     )
-    parser.add_argument("--skip-accelerate", action="store_true")
-    parser.add_argument("--out", type=Path, help="write results.json, results.md and latency.png here")
+    parser.add_argument(
+        "--skip-accelerate",
+        action="store_true",
+        help="leave accelerate's offload out (default: measure it; needs the bench extra)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="write results.json, results.md and latency.png here (default: print the table only)",
+    )
 
 
-def main(args: argparse.Namespace) -> int:
-    from moe_offload.bench.report import write_report
-
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings of the command line, defaults filled in for the device,
+    every number checked."""
     settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__})
-    on_cpu = torch.device(settings.device).type == "cpu"
+    on_cpu = settings.device.partition(":")[0] == "cpu"
     if on_cpu and settings.layers is None and settings.hidden is None:
         settings.layers, settings.hidden = CPU_LAYERS, CPU_HIDDEN
     if settings.dtype is None:
@@ -481,9 +590,79 @@ def main(args: argparse.Namespace) -> int:
         raise MoeOffloadError(
             "--requests, --prompt-tokens and --rounds must be at least 1, --new-tokens at least 2"
         )
-    report = run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
-    from moe_offload.bench.report import markdown
+    if settings.warmup_requests < 0:
+        raise MoeOffloadError(f"--warmup-requests {settings.warmup_requests} must not be negative")
+    for fraction in [settings.budget_fraction, *settings.sweep]:
+        if not 0 < fraction <= 1:
+            raise MoeOffloadError(
+                f"device budget {fraction} (--budget-fraction, --sweep) must be a share of the experts "
+                "in (0, 1]"
+            )
+    return settings
 
+
+def preflight(settings: Settings, out: Path | None) -> None:
+    """Everything that can be known before the model is built: the device,
+    the optional packages, where the report goes, and whether the model at
+    this shape fits the machine."""
+    device = resolve_device(settings.device, option="--device")
+    packages = {} if settings.skip_accelerate else {"accelerate": "one of the systems compared"}
+    if out is not None:
+        packages["matplotlib"] = "the latency plot of --out"
+    require(packages, "bench")
+    if out is not None:
+        _check_writable(out)
+    _check_fits(settings, device)
+
+
+def _check_fits(settings: Settings, device: torch.device) -> None:
+    """The model at this shape fits the host memory, the device memory and,
+    for accelerate's disk offload, the temporary directory."""
+    config = shapes.config_for(settings.model, settings.layers, settings.hidden, settings.experts)
+    total, experts = model_bytes(config, DTYPES[settings.dtype or "float32"])
+    largest = max([settings.budget_fraction, *settings.sweep])
+    shape = (
+        f"{settings.model} at {shapes.moe_layers(config, settings.model)} MoE layers, "
+        f"hidden {config.hidden_size}, {settings.dtype}"
+    )
+    shrink = "shrink it with --layers N, --hidden H or --experts E"
+    # The model is built in host memory; on a CPU the device slots are host
+    # memory too; on CUDA the pinned host tier is allocated whole while the
+    # model still holds its experts.
+    host = total + int(experts * (1.0 if device.type == "cuda" else largest))
+    check_host_memory(host, shape, shrink)
+    device_need = total - experts + int(experts * largest)
+    check_device_memory(
+        device,
+        device_need,
+        f"{shape} with {largest:.0%} of its experts in slots",
+        f"lower --sweep and --budget-fraction, or {shrink}",
+    )
+    if device.type == "cpu" and not settings.skip_accelerate:
+        free = shutil.disk_usage(tempfile.gettempdir()).free
+        if experts > USABLE_SHARE * free:
+            raise MoeOffloadError(
+                f"accelerate offloads the experts of {shape} to disk: {format_size(experts)}, but "
+                f"{tempfile.gettempdir()} has {format_size(free)} free: set TMPDIR to a larger disk, "
+                f"pass --skip-accelerate, or {shrink}"
+            )
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoeOffloadError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise MoeOffloadError(f"--out {out}: the directory is not writable")
+
+
+def main(args: argparse.Namespace) -> int:
+    from moe_offload.bench.report import markdown, write_report
+
+    settings = settings_from(args)
+    preflight(settings, args.out)
+    report = run(settings, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(markdown(report))
     if args.out is not None:
         write_report(report, args.out)

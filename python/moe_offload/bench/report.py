@@ -95,6 +95,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def write_report(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    # The plot first: it is the part that can fail (matplotlib), and then
+    # no file of this run has been written.
+    atomic_write(out / "latency.png", lambda p: plot(report, p))
     atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(report, indent=2) + "\n"))
     atomic_write(out / "results.md", lambda p: p.write_text(markdown(report) + "\n"))
-    atomic_write(out / "latency.png", lambda p: plot(report, p))

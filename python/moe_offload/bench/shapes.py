@@ -107,18 +107,46 @@ def config_for(
     shape = SHAPES[name]
     values = dict(shape.config)
     if layers is not None:
+        if layers < 1:
+            raise MoeOffloadError(f"--layers {layers}: a model needs at least 1 MoE layer")
         values["num_hidden_layers"] = shape.dense_layers + layers
     if experts is not None:
+        top_k = values["num_experts_per_tok"]
+        if experts < top_k:
+            raise MoeOffloadError(
+                f"--experts {experts}: {name} routes each token to {top_k} experts; use at least {top_k}"
+            )
         values[shape.experts_key] = experts
     if hidden is not None and hidden != values["hidden_size"]:
+        if hidden < 8 or hidden % 8:
+            raise MoeOffloadError(f"--hidden {hidden}: use a positive multiple of 8, e.g. 512")
         factor = hidden / values["hidden_size"]
         for key in shape.widths:
             values[key] = max(8, round(values[key] * factor / 8) * 8)
-        kv = max(1, round(values["num_key_value_heads"] * factor))
-        heads = max(kv, round(values["num_attention_heads"] * factor) // kv * kv)
+        heads, kv = _scaled_heads(values, hidden, factor)
         values.update(num_attention_heads=heads, num_key_value_heads=kv, hidden_size=hidden)
         values["vocab_size"] = min(values["vocab_size"], SCALED_VOCAB)
     return shape.config_class(**values)
+
+
+def _scaled_heads(values: dict[str, Any], hidden: int, factor: float) -> tuple[int, int]:
+    """(attention heads, key/value heads) scaled by `factor`, lowered to the
+    nearest that transformers takes: heads divide the hidden size, and where
+    the head size is derived from them, the rotary embedding wants it even.
+    One head of each always fits (the hidden size is a multiple of 8)."""
+    derived = "head_dim" not in values and "v_head_dim" not in values
+    for kv in range(max(1, round(values["num_key_value_heads"] * factor)), 0, -1):
+        heads = max(kv, round(values["num_attention_heads"] * factor) // kv * kv)
+        for candidate in range(heads, 0, -kv):
+            if hidden % candidate == 0 and not (derived and hidden // candidate % 2):
+                return candidate, kv
+    return 1, 1
+
+
+def routing_shape(config: tf.PretrainedConfig, name: str) -> tuple[int, int, int]:
+    """(MoE layers, routed experts per layer, top-k) of shape `name` at `config`."""
+    experts = getattr(config, SHAPES[name].experts_key)
+    return moe_layers(config, name), experts, config.num_experts_per_tok
 
 
 def build(config: tf.PretrainedConfig, dtype: torch.dtype, seed: int = 0) -> tf.PreTrainedModel:
