@@ -118,6 +118,8 @@ def test_long_core_calls_release_the_gil():
 
 def test_the_cuda_driver_status_is_reported_without_failing():
     ok, message = _core.cuda_driver_status()
-    assert isinstance(ok, bool) and message
-    if not torch.cuda.is_available():
-        assert not ok or "loaded" in message
+    assert isinstance(ok, bool)
+    # Either the driver loaded, or the message says which library was missing.
+    assert ("loaded" in message) if ok else ("libcuda.so.1" in message)
+    if torch.cuda.is_available():
+        assert ok, message

@@ -135,7 +135,8 @@ def test_a_host_budget_that_holds_every_expert_reads_them_all_up_front(saved):
     assert stats["host_slots"] == count
     # The up-front read shows in the statistics.
     assert stats["host_staged"] == count and stats["bytes_from_store"] >= experts
-    generate(loaded, prompt(family))
+    tokens, _ = generate(loaded, prompt(family))
+    assert torch.equal(tokens, generate(model, prompt(family))[0])
     stats = offloader.stats()
     assert stats["host_misses"] == 0 and stats["host_hits"] > 0, "generation read nothing from disk"
     assert stats["bytes_from_store"] == offloader.cache.host_stats()["bytes_from_store"] >= experts
@@ -164,14 +165,14 @@ def test_a_device_budget_that_holds_every_expert_loads_them_all_before_generatin
 
 
 def test_a_host_budget_below_one_tokens_experts_states_the_minimum(saved):
-    _, _, _, store = saved
+    family, plain, _, store = saved
     with pytest.raises(BudgetError, match=r"at least \d+ bytes") as info:
         moe_offload.from_pretrained(store, device="cpu", host_budget="4KiB")
     minimum = int(str(info.value).split("at least ")[1].split(" bytes")[0])
     with pytest.raises(BudgetError):
         moe_offload.from_pretrained(store, device="cpu", host_budget=minimum - 1)
     model, _ = moe_offload.from_pretrained(store, device="cpu", host_budget=minimum)
-    generate(model, prompt("mixtral"))
+    assert torch.equal(generate(model, prompt(family))[0], generate(plain, prompt(family))[0])
 
 
 def test_converting_to_another_dtype(saved, tmp_path):
@@ -527,7 +528,7 @@ moe_offload.convert(sys.argv[1], sys.argv[2])
 
 
 def test_a_killed_conversion_leaves_no_store_and_the_next_one_clears_its_leftovers(mixtral, tmp_path):
-    _, checkpoint, _ = mixtral
+    plain, checkpoint, _ = mixtral
     store = tmp_path / "killed"
     result = subprocess.run(
         [sys.executable, "-c", KILLED_CONVERSION, str(checkpoint), str(store)],
@@ -544,7 +545,7 @@ def test_a_killed_conversion_leaves_no_store_and_the_next_one_clears_its_leftove
     # Converting again (here on first use) clears the leftovers.
     model, _ = moe_offload.from_pretrained(checkpoint, device="cpu", store_dir=store)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".killed")]
-    generate(model, prompt("mixtral"))
+    assert torch.equal(generate(model, prompt("mixtral"))[0], generate(plain, prompt("mixtral"))[0])
 
 
 def test_a_full_disk_is_a_clear_error_and_the_partial_output_is_removed(mixtral, tmp_path, monkeypatch):
