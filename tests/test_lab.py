@@ -185,6 +185,12 @@ def test_the_replay_command_prints_the_report(tmp_path):
         assert figures["slowdown_vs_resident"] >= 1.0
     assert report["trace"]["requests"] == 4 and report["trace"]["warmup_requests"] == 1
     assert report["params"]["slots"] == 8
+    # Where the result came from: the command (trace paths outside the working
+    # directory shortened), the commit, the machine.
+    run = report["run"]
+    assert run["command"].startswith("moe-offload replay .../") and "--json" in run["command"]
+    assert str(tmp_path) not in run["command"]
+    assert "commit" in run and run["machine"]["cpu"] and run["machine"]["cores"] >= 1
 
     # Prefetch figures do not apply to a policy that does not prefetch.
     assert report["policies"]["lru"]["prefetch_precision"] is None

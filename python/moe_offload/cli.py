@@ -285,6 +285,13 @@ def _replay(args: argparse.Namespace) -> int:
             progress=progress,
         )
     if args.json:
+        from moe_offload import provenance
+
+        report["run"] = {
+            "command": provenance.command("moe-offload", {str(p) for p in args.trace}),
+            "commit": provenance.commit(),
+            "machine": provenance.machine(),
+        }
         print(json.dumps(report, indent=2))
         return 0
     t, p = report["trace"], report["params"]

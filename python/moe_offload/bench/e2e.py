@@ -23,7 +23,6 @@ import argparse
 import inspect
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 import moe_offload
+from moe_offload import provenance
 from moe_offload._core import MoeOffloadError
 from moe_offload.adapters import find_expert_blocks
 from moe_offload.bench import shapes
@@ -305,25 +305,11 @@ class Workload:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu": _cpu_name(), "cores": _cores(), "torch": torch.__version__}
+    info: dict[str, Any] = {**provenance.machine(), "torch": torch.__version__}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["pcie_generation"] = _pcie_generation(device)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cores() -> int | None:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _pcie_generation(device: torch.device) -> str | None:
@@ -340,35 +326,8 @@ def _pcie_generation(device: torch.device) -> str | None:
     return result.stdout.strip() or None
 
 
-def _shown(path: Path) -> str:
-    """A trace path as reports show it: relative to the working directory
-    when inside it, else by its last two components (where a machine keeps
-    its traces says nothing about the run)."""
-    path = Path(path).absolute()
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(Path("...", *path.parts[-2:]))
-
-
 def _command(settings: Settings) -> str:
-    traces = {str(p) for p in settings.trace}
-    words = [_shown(Path(w)) if w in traces else w for w in sys.argv[1:]]
-    return " ".join([Path(sys.argv[0]).name, *words])
-
-
-def _commit() -> str | None:
-    """The checkout's commit, marked "-dirty" when its code has uncommitted
-    changes (results written under benches/results do not count)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:
-        return None
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benches/results")
-    return commit + ("-dirty" if changed else "")
+    return provenance.command(Path(sys.argv[0]).name, {str(p) for p in settings.trace})
 
 
 def run(settings: Settings, log: Any = print) -> dict[str, Any]:
@@ -436,10 +395,10 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
         )
     return {
         "command": _command(settings),
-        "commit": _commit(),
+        "commit": provenance.commit(),
         "version": moe_offload.__version__,
         "machine": machine(device),
-        "settings": dict(asdict(settings), trace=[_shown(p) for p in settings.trace]),
+        "settings": dict(asdict(settings), trace=[provenance.shown_path(p) for p in settings.trace]),
         "model": {
             "shape": settings.model,
             "moe_layers": shapes.moe_layers(config, settings.model),
