@@ -107,6 +107,21 @@ def test_saving_to_a_path_that_names_no_file_says_what_is_wrong(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_offloader_saves_to_the_path_as_given(tmp_path, monkeypatch):
+    from tiny_models import build
+
+    import moe_offload
+
+    monkeypatch.chdir(tmp_path)
+    model = build("olmoe")
+    offloader = moe_offload.patch(model, device="cpu")
+    with pytest.raises(MoeOffloadError, match="empty path"):
+        offloader.save_eamc("")
+    assert str(offloader.save_eamc("warm.eamc")) == "warm.eamc"
+    moe_offload.unpatch(model)
+    assert list(tmp_path.iterdir()) == [tmp_path / "warm.eamc"]
+
+
 def test_a_save_removes_what_a_killed_save_left(tmp_path):
     path = tmp_path / "warm.eamc"
     stale = tmp_path / ".warm.eamc.tmp-4194304"

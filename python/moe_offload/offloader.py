@@ -138,12 +138,13 @@ class Offloader:
     def save_eamc(self, path: str | Path | None = None) -> Path:
         """Writes the EAMC (the activation matrices of finished requests)
         atomically to `path`, by default the `eamc_path` given to `patch`."""
-        target = Path(path) if path is not None else self.eamc_path
+        # Passed on as given: Path("") would turn an empty path into ".".
+        target = path if path is not None else self.eamc_path
         if target is None:
             raise MoeOffloadError("no path to save the EAMC to: pass one, or patch(..., eamc_path=...)")
         self.tracker.end()
         self.cache.save_eamc(target)
-        return target
+        return Path(target)
 
     @property
     def eamc_size(self) -> int:
