@@ -203,6 +203,9 @@ impl HostCache {
             }
             if let Some(slot) = s.victim() {
                 s.reserve(slot, id);
+                // A load it waited for was evicted before it woke: the hit
+                // counted then is a miss after all.
+                s.stats.hits -= u64::from(counted);
                 s.stats.misses += 1;
                 return Ok(Acquired::Load(slot));
             }
