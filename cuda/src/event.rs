@@ -1,21 +1,44 @@
 //! Events marking the end of an expert's copy, so that exactly the stream
-//! that needs that expert waits, and only for that copy.
+//! that needs that expert waits, and only for that copy; and timed events,
+//! whose pairs measure how long a stream spent between two points.
 
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::context::report_drop_failure;
 use crate::sys::{
     cu, handle_to_u64, u64_to_handle, CUevent, CUDA_ERROR_NOT_READY, CU_EVENT_BLOCKING_SYNC,
-    CU_EVENT_DISABLE_TIMING,
+    CU_EVENT_DEFAULT, CU_EVENT_DISABLE_TIMING,
 };
-use crate::{Context, Result};
+use crate::{Context, CudaError, Result};
 
-/// A synchronization-only event (timing disabled: cheaper to record and
-/// query, and nothing here measures durations with it).
+/// Where an event stands, as [`Event::state`] finds it without blocking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventState {
+    /// Never recorded: it captures no work (waiting on it costs nothing).
+    NotRecorded,
+    /// Recorded; the work it captured is still running or queued.
+    Pending,
+    /// Recorded, and the work it captured has finished.
+    Complete,
+}
+
+impl EventState {
+    /// Whether a stream waiting on the event would have to wait.
+    pub fn is_pending(self) -> bool {
+        self == Self::Pending
+    }
+}
+
+/// A CUDA event: synchronization-only by default (timing disabled, cheaper
+/// to record and query), or [`timed`](Event::timed) to measure intervals.
 pub struct Event {
     context: Arc<Context>,
     raw: CUevent,
+    /// Whether `record` has succeeded once: the driver reports a
+    /// never-recorded event as complete, which `state` tells apart.
+    recorded: AtomicBool,
 }
 
 // SAFETY: a CUevent is an opaque token the thread-safe driver accepts from
@@ -38,6 +61,12 @@ impl Event {
         Self::with_flags(context, CU_EVENT_DISABLE_TIMING | CU_EVENT_BLOCKING_SYNC)
     }
 
+    /// An event that keeps a timestamp, for [`elapsed_seconds`]. Only
+    /// queried, never synchronized on.
+    pub fn timed(context: &Arc<Context>) -> Result<Event> {
+        Self::with_flags(context, CU_EVENT_DEFAULT)
+    }
+
     fn with_flags(context: &Arc<Context>, flags: std::ffi::c_uint) -> Result<Event> {
         let driver = context.driver();
         let _current = context.make_current()?;
@@ -48,6 +77,7 @@ impl Event {
         Ok(Event {
             context: Arc::clone(context),
             raw,
+            recorded: AtomicBool::new(false),
         })
     }
 
@@ -64,8 +94,10 @@ impl Event {
             cu!(
                 self.context.driver(),
                 cuEventRecord(self.raw, u64_to_handle(stream))
-            )
-        }
+            )?
+        };
+        self.recorded.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Blocks the calling thread until the captured work has finished.
@@ -77,13 +109,27 @@ impl Event {
     /// Whether the captured work has finished, without blocking. An event
     /// never recorded counts as complete.
     pub fn is_complete(&self) -> Result<bool> {
+        Ok(!self.state()?.is_pending())
+    }
+
+    /// Where the event stands, without blocking (`cuEventQuery`: success
+    /// is complete, `CUDA_ERROR_NOT_READY` pending; anything else, such as
+    /// a sticky error of earlier work, is an error).
+    pub fn state(&self) -> Result<EventState> {
+        if !self.recorded.load(Ordering::Acquire) {
+            return Ok(EventState::NotRecorded);
+        }
+        // Any thread may ask (a statistics call, say), current context or not.
+        let _current = self.context.make_current()?;
         let driver = self.context.driver();
         // SAFETY: `raw` is our live event.
         let status = unsafe { (driver.cuEventQuery)(self.raw) };
         if status == CUDA_ERROR_NOT_READY {
-            return Ok(false);
+            return Ok(EventState::Pending);
         }
-        driver.check("cuEventQuery", status).map(|()| true)
+        driver
+            .check("cuEventQuery", status)
+            .map(|()| EventState::Complete)
     }
 
     pub fn raw(&self) -> u64 {
@@ -97,6 +143,30 @@ impl Event {
     pub(crate) fn handle(&self) -> CUevent {
         self.raw
     }
+}
+
+/// Seconds between two recorded [`timed`](Event::timed) events, once both
+/// have completed; `None` while either is pending. Both must be timed and
+/// recorded, else the driver reports an invalid handle. The span between
+/// two records on one stream covers whatever that stream did in between.
+pub fn elapsed_seconds(start: &Event, end: &Event) -> Result<Option<f64>> {
+    let driver = start.context.driver();
+    let Some(elapsed_time) = driver.cuEventElapsedTime else {
+        return Err(CudaError::SymbolMissing {
+            symbol: "cuEventElapsedTime",
+            reason: "this driver does not export it".into(),
+        });
+    };
+    let _current = start.context.make_current()?;
+    let mut milliseconds = 0f32;
+    // SAFETY: both events are live events of ours; `milliseconds` is a
+    // valid out-pointer for the call.
+    let status = unsafe { elapsed_time(&mut milliseconds, start.raw, end.raw) };
+    if status == CUDA_ERROR_NOT_READY {
+        return Ok(None);
+    }
+    driver.check("cuEventElapsedTime", status)?;
+    Ok(Some(f64::from(milliseconds) / 1e3))
 }
 
 impl Drop for Event {

@@ -42,7 +42,7 @@ mod memory;
 mod stream;
 
 pub use context::{device_count, Context};
-pub use event::Event;
+pub use event::{elapsed_seconds, Event, EventState};
 pub use memory::{copy_device_to_host, copy_host_to_device_async, DeviceBuffer, PinnedHostBuffer};
 pub use stream::{stream_wait_event, synchronize_stream, Stream};
 pub use sys::Driver;

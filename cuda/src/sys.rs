@@ -33,9 +33,12 @@ pub const CUDA_ERROR_NOT_READY: CUresult = 600;
 /// The stream does not synchronize with the legacy default stream, so our
 /// copies never serialize behind torch's work on stream 0.
 pub const CU_STREAM_NON_BLOCKING: c_uint = 1;
-/// Timing costs a timestamp per record; the copy events are only waited on.
+/// Timing costs a timestamp per record; events that are only waited on or
+/// queried go without (the timed ones measure copies and stalls).
 pub const CU_EVENT_DISABLE_TIMING: c_uint = 2;
 pub const CU_EVENT_BLOCKING_SYNC: c_uint = 1;
+/// A plain event: it keeps a timestamp and is waited on by spinning.
+pub const CU_EVENT_DEFAULT: c_uint = 0;
 /// Pinned memory that every context treats as pinned, not only the one
 /// current at allocation.
 pub const CU_MEMHOSTALLOC_PORTABLE: c_uint = 1;
@@ -116,7 +119,8 @@ pub struct Driver {
     pub cuEventRecord: FnEventRecord,
     pub cuEventSynchronize: FnEventSynchronize,
     pub cuEventQuery: FnEventQuery,
-    /// Absent from some stripped-down driver shims; nothing here needs it.
+    /// Absent from some stripped-down driver shims; without it, copy and
+    /// stall times go unmeasured rather than the driver failing to load.
     pub cuEventElapsedTime: Option<FnEventElapsedTime>,
     _library: Library,
 }

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use moe_offload_cuda::sys::CUcontext;
 use moe_offload_cuda::{
-    copy_device_to_host, copy_host_to_device_async, device_count, driver, stream_wait_event,
-    Context, CudaError, DeviceBuffer, Event, PinnedHostBuffer, Stream,
+    copy_device_to_host, copy_host_to_device_async, device_count, driver, elapsed_seconds,
+    stream_wait_event, Context, CudaError, DeviceBuffer, Event, EventState, PinnedHostBuffer,
+    Stream,
 };
 
 const MIB: usize = 1 << 20;
@@ -335,4 +336,62 @@ fn constructors_restore_the_threads_context() {
     })
     .join()
     .expect("probe thread");
+}
+
+/// `state` tells a never-recorded event (which the driver calls complete)
+/// from one whose work is done, and sees pending work as pending.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --ignored"]
+fn event_state_tells_not_recorded_pending_and_complete() {
+    let context = gpu();
+    let event = Event::new(&context).expect("event");
+    assert_eq!(event.state().expect("query"), EventState::NotRecorded);
+    let bytes = 256 * MIB;
+    let source = PinnedHostBuffer::new(&context, bytes).expect("pinned allocation");
+    let slot = DeviceBuffer::new(&context, bytes).expect("device allocation");
+    let stream = Stream::new(&context).expect("stream");
+    // SAFETY: both buffers hold `bytes` and outlive the copy, which the
+    // synchronization below waits for.
+    unsafe { copy_host_to_device_async(slot.ptr(), source.as_ptr(), bytes, stream.raw()) }
+        .expect("copy");
+    event.record(stream.raw()).expect("record");
+    // Microseconds after queueing 256 MiB, the copy cannot have landed.
+    assert_eq!(event.state().expect("query"), EventState::Pending);
+    stream.synchronize().expect("synchronize");
+    assert_eq!(event.state().expect("query"), EventState::Complete);
+}
+
+/// Timed events measure a copy once both have completed, and not before;
+/// a timing-disabled event cannot be measured.
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -- --ignored"]
+fn timed_events_measure_a_copy_once_it_has_landed() {
+    let context = gpu();
+    let (start, end) = (
+        Event::timed(&context).expect("timed event"),
+        Event::timed(&context).expect("timed event"),
+    );
+    let bytes = 256 * MIB;
+    let source = PinnedHostBuffer::new(&context, bytes).expect("pinned allocation");
+    let slot = DeviceBuffer::new(&context, bytes).expect("device allocation");
+    let stream = Stream::new(&context).expect("stream");
+    start.record(stream.raw()).expect("record start");
+    // SAFETY: both buffers hold `bytes` and outlive the copy, which the
+    // synchronization below waits for.
+    unsafe { copy_host_to_device_async(slot.ptr(), source.as_ptr(), bytes, stream.raw()) }
+        .expect("copy");
+    end.record(stream.raw()).expect("record end");
+    assert_eq!(elapsed_seconds(&start, &end).expect("in flight"), None);
+    stream.synchronize().expect("synchronize");
+    let seconds = elapsed_seconds(&start, &end)
+        .expect("landed")
+        .expect("both events complete");
+    assert!(seconds > 0.0 && seconds < 30.0, "256 MiB took {seconds} s");
+    let untimed = Event::new(&context).expect("event");
+    untimed.record(stream.raw()).expect("record");
+    stream.synchronize().expect("synchronize");
+    assert!(
+        elapsed_seconds(&start, &untimed).is_err(),
+        "a timing-disabled event has no timestamp"
+    );
 }

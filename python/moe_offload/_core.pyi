@@ -49,6 +49,7 @@ class ExpertCache:
         eamc_path: str | PathLike[str] | None = None,
         store: ExpertStore | None = None,
         host_slots: int = 0,
+        pool_stream: int | None = None,
         **planner: object,
     ) -> None: ...
     @property

@@ -3,9 +3,11 @@
 /// Counters since construction or the last reset.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
-    /// Fetches that found the expert in a slot, copied and ready.
+    /// Fetches that found the expert in a slot, its copy landed (on CUDA:
+    /// as the device reports it, not merely queued on a copy stream).
     pub hits: u64,
-    /// Fetches that had to wait for a copy (absent, or still in flight).
+    /// Fetches that had to wait for a copy (absent, or still queued or in
+    /// flight).
     pub misses: u64,
     /// Copies completed into slots.
     pub copies: u64,
@@ -15,11 +17,13 @@ pub struct Stats {
     pub bytes_to_device: u64,
     /// Expert bytes held in slots at the worst moment.
     pub peak_resident_bytes: u64,
-    /// Seconds the caller spent blocked waiting for copies.
+    /// Seconds the model waited for copies: the caller blocked until the
+    /// copy was issued, plus, on CUDA, the reader's stream waiting for it to
+    /// land (measured on that stream, added once the device got past it).
     pub stall_seconds: f64,
     /// Needed experts that had already arrived by prefetch.
     pub prefetch_hits: u64,
-    /// Needed experts whose prefetch was still in flight.
+    /// Needed experts whose prefetch was still queued or in flight.
     pub prefetch_late: u64,
     /// Prefetched experts evicted without being used.
     pub prefetch_wasted: u64,

@@ -3,6 +3,16 @@
 //! [`ExpertCache`](super::ExpertCache) runs it under a mutex with real copy
 //! workers; the trace replay runs it on a simulated clock. Same decisions,
 //! one implementation.
+//!
+//! On CUDA a slot's copy is finished, for the bookkeeping, once it is
+//! queued on a copy stream; whether it has landed, and whether a slot's last
+//! reader is done with it, only the device knows. [`SlotEvents`] is how the
+//! core asks, so that the decisions that hang on it (a hit or a late copy;
+//! which victim) are the same code whatever answers.
+
+use std::sync::Arc;
+
+use moe_offload_cuda::EventState;
 
 use super::CachePolicy;
 use crate::error::{CoreError, Result};
@@ -21,6 +31,29 @@ pub struct CopyJob {
     pub wait_for_reader: bool,
 }
 
+/// What the device says about a slot's events: its last copy's (the
+/// *ready* event) and its last reader's (the *free* event). A query that
+/// fails counts as pending: the slot is then treated as not there yet (its
+/// reader reports the error when it waits) or still read.
+pub trait SlotEvents: Send + Sync {
+    fn copy_state(&self, slot: SlotId) -> EventState;
+    fn reader_state(&self, slot: SlotId) -> EventState;
+}
+
+/// Copies and readers that are done once the bookkeeping says so: the host
+/// backend's memcpy, and the trace replay.
+pub struct Synchronous;
+
+impl SlotEvents for Synchronous {
+    fn copy_state(&self, _slot: SlotId) -> EventState {
+        EventState::Complete
+    }
+
+    fn reader_state(&self, _slot: SlotId) -> EventState {
+        EventState::Complete
+    }
+}
+
 pub struct CacheCore {
     layout: ExpertLayout,
     pool: SlotPool,
@@ -30,6 +63,10 @@ pub struct CacheCore {
     reader_pending: Vec<bool>,
     /// The slot's expert arrived by prefetch and has not been used yet.
     prefetched: Vec<bool>,
+    events: Arc<dyn SlotEvents>,
+    /// The slot's current copy has been seen landed (it stays so until the
+    /// slot takes another expert): the device is asked once per copy.
+    landed: Vec<bool>,
 }
 
 impl CacheCore {
@@ -44,7 +81,15 @@ impl CacheCore {
             resident_bytes: 0,
             reader_pending: vec![false; n],
             prefetched: vec![false; n],
+            events: Arc::new(Synchronous),
+            landed: vec![false; n],
         }
+    }
+
+    /// The same core, asking `events` whether copies have landed and
+    /// readers are done (CUDA).
+    pub fn with_events(self, events: Arc<dyn SlotEvents>) -> Self {
+        Self { events, ..self }
     }
 
     pub fn layout(&self) -> &ExpertLayout {
@@ -109,7 +154,9 @@ impl CacheCore {
         self.policy.on_access(slot, id);
         let by_prefetch = std::mem::take(&mut self.prefetched[slot as usize]);
         let layer = self.layout.locate(id).0;
-        if self.pool.phase(slot) == &Phase::Ready {
+        // A copy still in flight on the device is a miss (the reader's
+        // stream will wait for it), and a prefetch that late is late.
+        if self.pool.phase(slot) == &Phase::Ready && self.has_landed(slot) {
             self.stats.record_hit(layer);
             self.stats.prefetch_hits += u64::from(by_prefetch);
         } else {
@@ -122,10 +169,27 @@ impl CacheCore {
         slot
     }
 
+    /// Whether the copy into a ready slot has landed on the device.
+    fn has_landed(&mut self, slot: SlotId) -> bool {
+        let landed = &mut self.landed[slot as usize];
+        if !*landed {
+            *landed = !self.events.copy_state(slot).is_pending();
+        }
+        *landed
+    }
+
+    /// The slot a newcomer takes (see [`SlotPool::choose_slot`]): victims
+    /// whose last reader the device has not finished are passed over.
+    fn choose_slot(&mut self) -> Option<SlotId> {
+        let events = &self.events;
+        self.pool.choose_slot(self.policy.as_mut(), &mut |slot| {
+            events.reader_state(slot).is_pending()
+        })
+    }
+
     fn admit_on_demand(&mut self, queue: &PrefetchQueue, id: ExpertId) -> SlotId {
         let slot = self
-            .pool
-            .choose_slot(self.policy.as_mut())
+            .choose_slot()
             .expect("fetch checked that enough slots are available");
         self.install(slot, id);
         self.stats.record_miss(self.layout.locate(id).0);
@@ -139,6 +203,7 @@ impl CacheCore {
 
     fn install(&mut self, slot: SlotId, id: ExpertId) {
         let assignment = self.pool.install(slot, id, self.policy.as_mut());
+        self.landed[slot as usize] = false;
         if let Some(old) = assignment.evicted {
             self.stats.evictions += 1;
             self.resident_bytes -= self.layout.bytes(old) as u64;
@@ -202,7 +267,7 @@ impl CacheCore {
         if self.pool.lookup(expert).is_some() {
             return None;
         }
-        let slot = self.pool.choose_slot(self.policy.as_mut())?;
+        let slot = self.choose_slot()?;
         if let Some(victim) = self.pool.expert_in(slot) {
             if self.policy.retention(victim) >= self.policy.retention(expert) {
                 return None;
@@ -407,6 +472,116 @@ mod tests {
         core.fetch(&queue, &[2, 3]).unwrap();
         complete_all(&mut core, &queue);
         assert_eq!(core.release_all(false), 2);
+    }
+
+    /// Device events the test sets by hand, as a GPU would report them.
+    struct FakeEvents {
+        copies: std::sync::Mutex<Vec<EventState>>,
+        readers: std::sync::Mutex<Vec<EventState>>,
+    }
+
+    impl FakeEvents {
+        fn new(n_slots: usize) -> Arc<Self> {
+            Arc::new(Self {
+                copies: std::sync::Mutex::new(vec![EventState::NotRecorded; n_slots]),
+                readers: std::sync::Mutex::new(vec![EventState::NotRecorded; n_slots]),
+            })
+        }
+
+        fn set_copy(&self, slot: SlotId, state: EventState) {
+            self.copies.lock().unwrap()[slot as usize] = state;
+        }
+
+        fn set_reader(&self, slot: SlotId, state: EventState) {
+            self.readers.lock().unwrap()[slot as usize] = state;
+        }
+    }
+
+    impl SlotEvents for FakeEvents {
+        fn copy_state(&self, slot: SlotId) -> EventState {
+            self.copies.lock().unwrap()[slot as usize]
+        }
+
+        fn reader_state(&self, slot: SlotId) -> EventState {
+            self.readers.lock().unwrap()[slot as usize]
+        }
+    }
+
+    #[test]
+    fn a_copy_still_in_flight_on_the_device_is_late_not_a_hit() {
+        let queue = PrefetchQueue::new();
+        let events = FakeEvents::new(2);
+        let mut core = core(2, Box::new(ActivationAware::new(2, 8))).with_events(events.clone());
+        let mut scores = vec![0.0; 8];
+        scores[5] = 0.9;
+        scores[6] = 0.8;
+        core.plan(&queue, &scores, &[(5, 0.9), (6, 0.8)], 8);
+        complete_all(&mut core, &queue);
+        let (five, six) = (
+            core.pool().lookup(5).unwrap(),
+            core.pool().lookup(6).unwrap(),
+        );
+        // Both copies are queued on a copy stream; only expert 5's has landed.
+        events.set_copy(five, EventState::Complete);
+        events.set_copy(six, EventState::Pending);
+        core.fetch(&queue, &[5, 6]).unwrap();
+        let stats = core.stats();
+        assert_eq!((stats.hits, stats.prefetch_hits), (1, 1), "5 had landed");
+        assert_eq!(
+            (stats.misses, stats.prefetch_late),
+            (1, 1),
+            "6 was in flight"
+        );
+        core.release(5, true).unwrap();
+        core.release(6, true).unwrap();
+        // Once landed it is a hit; the device is not asked again for it.
+        events.set_copy(six, EventState::Complete);
+        core.fetch(&queue, &[6]).unwrap();
+        events.set_copy(six, EventState::Pending);
+        core.release(6, true).unwrap();
+        core.fetch(&queue, &[6]).unwrap();
+        assert_eq!(core.stats().hits, 3);
+    }
+
+    #[test]
+    fn a_victim_whose_reader_is_done_goes_before_one_still_read() {
+        let queue = PrefetchQueue::new();
+        let events = FakeEvents::new(2);
+        let mut core = core(2, Box::new(ActivationAware::new(2, 8))).with_events(events.clone());
+        core.fetch(&queue, &[0, 1]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(0, true).unwrap();
+        core.release(1, true).unwrap();
+        // The policy would evict expert 0 (equal scores, older), but its
+        // reader's stream has not got past it; expert 1's reader is done.
+        let (zero, one) = (
+            core.pool().lookup(0).unwrap(),
+            core.pool().lookup(1).unwrap(),
+        );
+        events.set_reader(zero, EventState::Pending);
+        events.set_reader(one, EventState::Complete);
+        core.fetch(&queue, &[2]).unwrap();
+        assert_eq!(
+            core.pool().lookup(2),
+            Some(one),
+            "a miss takes the finished reader's slot"
+        );
+        assert_eq!(core.pool().lookup(0), Some(zero));
+        complete_all(&mut core, &queue);
+        core.release(2, true).unwrap();
+        // A prefetch chooses the same way; a never-recorded reader is done.
+        events.set_reader(one, EventState::NotRecorded);
+        let mut scores = vec![0.0; 8];
+        scores[3] = 0.9;
+        core.plan(&queue, &scores, &[], 8);
+        let job = core
+            .accept(CopyRequest {
+                expert: 3,
+                slot: None,
+                urgency: Urgency::Prefetch(0.9),
+            })
+            .expect("a prefetch worth a slot");
+        assert_eq!((job.slot, core.pool().lookup(0)), (one, Some(zero)));
     }
 
     #[test]

@@ -20,16 +20,17 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use moe_offload_cuda::Context;
 
 use super::core::{CacheCore, CopyJob};
 use super::pass_gate::PassGate;
 use super::policy_by_name;
-use crate::copy::{CopyBackend, CudaCopies, WorkerCopier};
+use crate::copy::{CopyBackend, CopyTime, CudaCopies, WorkerCopier};
 use crate::error::{CoreError, Result};
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::planner::{Planner, PlannerConfig};
@@ -57,8 +58,11 @@ pub const MAX_COPY_WORKERS: usize = 256;
 pub enum Device {
     /// Host memory: copies are memcpy (no GPU needed).
     Host,
-    /// Device memory of CUDA device `ordinal`.
-    Cuda { ordinal: i32 },
+    /// Device memory of CUDA device `ordinal`, allocated in stream order on
+    /// `pool_stream` (torch's current stream when it allocated the pool; 0
+    /// is the legacy default stream): copies into the pool are ordered
+    /// after that stream's work at the time the cache is made.
+    Cuda { ordinal: i32, pool_stream: u64 },
 }
 
 /// What an [`ExpertCache`] is built from.
@@ -112,6 +116,10 @@ pub struct ExpertCache {
     passes: PassGate,
 }
 
+/// How a copy worker sets itself up, on its own thread (CUDA: binds the
+/// context, makes its stream).
+type WorkerSetup = fn(&CopyBackend) -> Result<WorkerCopier>;
+
 /// Threads serving a prefetch queue. Dropping them closes the queue and
 /// joins them, so a cache that fails halfway through its construction
 /// leaves no thread behind.
@@ -161,9 +169,7 @@ impl Drop for CopyWorkers {
 impl ExpertCache {
     /// A cache whose host tier holds every expert (filled by `write_expert`).
     pub fn new(config: CacheConfig) -> Result<Self> {
-        Self::build(config, |layout, cuda| {
-            Ok(ExpertSource::Resident(HostTier::new(layout.clone(), cuda)?))
-        })
+        Self::build(config, resident, WorkerCopier::on_this_thread)
     }
 
     /// A cache reading experts from `store` into a host cache of
@@ -173,7 +179,7 @@ impl ExpertCache {
         store: Arc<ExpertStore>,
         host_slots: usize,
     ) -> Result<Self> {
-        Self::build(config, |layout, cuda| {
+        let source = |layout: &ExpertLayout, cuda: Option<&Arc<Context>>| {
             let same = store.layout().num_layers() == layout.num_layers()
                 && (0..layout.num_layers() as u32).all(|l| {
                     store.layout().experts_in_layer(l) == layout.experts_in_layer(l)
@@ -189,12 +195,17 @@ impl ExpertCache {
                 });
             }
             Ok(StoredExperts::new(store, host_slots, cuda)?.into())
-        })
+        };
+        Self::build(config, source, WorkerCopier::on_this_thread)
     }
 
+    /// Builds the cache; returns only once every copy worker has set itself
+    /// up, and fails if any could not (the others are stopped and joined):
+    /// a worker that cannot copy would fail requests that the others serve.
     fn build(
         config: CacheConfig,
         source: impl FnOnce(&ExpertLayout, Option<&Arc<Context>>) -> Result<ExpertSource>,
+        setup: WorkerSetup,
     ) -> Result<Self> {
         let layout = ExpertLayout::new(&config.layers)?;
         if config.slot_bytes < layout.max_expert_bytes() {
@@ -212,12 +223,17 @@ impl ExpertCache {
         }
         let context = match config.device {
             Device::Host => None,
-            Device::Cuda { ordinal } => Some(Context::primary(ordinal)?),
+            Device::Cuda {
+                ordinal,
+                pool_stream,
+            } => Some((Context::primary(ordinal)?, pool_stream)),
         };
-        let source = source(&layout, context.as_ref())?;
+        let source = source(&layout, context.as_ref().map(|(ctx, _)| ctx))?;
         let backend = match context {
             None => CopyBackend::Host,
-            Some(ctx) => CopyBackend::Cuda(CudaCopies::new(ctx, config.n_slots)?),
+            Some((ctx, pool_stream)) => {
+                CopyBackend::Cuda(Arc::new(CudaCopies::new(ctx, config.n_slots, pool_stream)?))
+            }
         };
         let pool = SlotPool::new(
             config.pool_address,
@@ -227,7 +243,10 @@ impl ExpertCache {
         )?;
         let policy = policy_by_name(&config.policy, config.n_slots, layout.num_experts())?;
         let tracer = tracer_for(&layout, &config)?;
-        let core = CacheCore::new(layout, pool, policy);
+        let mut core = CacheCore::new(layout, pool, policy);
+        if let CopyBackend::Cuda(cuda) = &backend {
+            core = core.with_events(Arc::clone(cuda) as _);
+        }
         let shared = Arc::new(Shared {
             timing: Mutex::new(TimingEstimate::new(matches!(backend, CopyBackend::Host))),
             source,
@@ -240,10 +259,18 @@ impl ExpertCache {
         });
         // Threads start last, after everything that can fail but their own
         // start; any failure from here on stops and joins what was started.
+        let (report, set_up) = channel();
         let workers =
             CopyWorkers::start(Arc::clone(&shared.queue), config.copy_workers, |index| {
-                spawn_worker(Arc::clone(&shared), index)
+                spawn_worker(Arc::clone(&shared), index, setup, report.clone())
             })?;
+        drop(report);
+        for _ in 0..config.copy_workers {
+            // A worker reports once, set up or not (a panic included).
+            set_up.recv().map_err(|_| {
+                CoreError::Protocol("a copy worker ended before reporting its set-up".into())
+            })??;
+        }
         // With a slot for every expert there is nothing to evict or
         // prefetch: requests are traced (the EAMC learns) but not planned.
         let every_expert_fits = config.n_slots >= shared.lock().layout().num_experts();
@@ -457,6 +484,10 @@ impl ExpertCache {
                 ids.len()
             )));
         }
+        // The routing reached the host after the device ran the layers
+        // before this one, so their streams' waits can be read now: booked
+        // as stalls, not as compute.
+        self.book_device_stalls();
         let stall_total = self.shared.lock().stats().stall_seconds;
         let timing = {
             let mut estimate = lock(&self.shared.timing);
@@ -518,8 +549,21 @@ impl ExpertCache {
         drop(state);
         if let CopyBackend::Cuda(cuda) = &self.shared.backend {
             cuda.reader_waits(slot, stream)?;
+            self.book_device_stalls();
         }
         Ok(())
+    }
+
+    /// Adds the waits of readers' streams for copies in flight that the
+    /// device has got past to `stall_seconds` (nothing on the host backend,
+    /// whose stalls are all on the caller's thread).
+    fn book_device_stalls(&self) {
+        if let CopyBackend::Cuda(cuda) = &self.shared.backend {
+            let stalled = cuda.stalled_seconds();
+            if stalled > 0.0 {
+                self.shared.lock().stats_mut().stall_seconds += stalled;
+            }
+        }
     }
 
     /// Unpins the experts' slots; on CUDA they are not overwritten before
@@ -599,12 +643,15 @@ impl ExpertCache {
     }
 
     pub fn stats(&self) -> Stats {
+        self.book_device_stalls();
         self.shared.lock().stats().clone()
     }
 
     /// Clears the statistics: the device cache's, and with `host` the host
     /// cache's too.
     pub fn reset_stats(&self, host: bool) {
+        // Stalls from before the reset are not counted after it.
+        self.book_device_stalls();
         self.shared.lock().reset_stats();
         if let ExpertSource::Stored(stored) = &self.shared.source {
             if host {
@@ -659,22 +706,27 @@ impl Shared {
         // A panic fails this copy like any error: its waiters are told, the
         // slot is given back, and the worker goes on serving.
         let outcome = unless_panicked(|| self.copy(copier, job));
-        if let Ok(Some(took)) = outcome {
-            lock(&self.timing).record_copy(job.bytes, took.as_secs_f64());
+        if let Ok(measured) = &outcome {
+            let mut timing = lock(&self.timing);
+            for &(bytes, seconds) in measured {
+                timing.record_copy(bytes, seconds);
+            }
         }
         self.lock()
             .finish_copy(job, outcome.map(drop).map_err(|e| CopyFailure::from(&e)));
         self.copied.notify_all();
     }
 
-    /// Copies the job's expert into its slot: how long it took, when known.
-    fn copy(&self, copier: &WorkerCopier, job: &CopyJob) -> Result<Option<Duration>> {
+    /// Copies the job's expert into its slot; returns the copy times that
+    /// became known (see [`WorkerCopier::copy`]).
+    fn copy(&self, copier: &WorkerCopier, job: &CopyJob) -> Result<Vec<CopyTime>> {
         let dst = self.lock().pool().address(job.slot);
         match &self.source {
             // SAFETY: the slot is at least `job.bytes` long and only this
             // worker writes it while it is in phase Copying; the host tier's
             // blob holds `job.bytes` bytes and is not written while its
-            // expert holds a slot.
+            // expert holds a slot, so the copy need not land before the
+            // worker goes on.
             ExpertSource::Resident(host) => unsafe {
                 copier.copy(
                     &self.backend,
@@ -682,28 +734,38 @@ impl Shared {
                     host.expert_ptr(job.expert),
                     dst,
                     job.bytes,
-                    job.wait_for_reader,
-                    self.queue.is_empty(),
+                    false,
                 )
             },
-            ExpertSource::Stored(stored) => stored.with_expert(job.expert, |src| {
-                // SAFETY: as above for the slot; `src` starts the expert's
-                // loaded blob (at least `job.bytes` long) in a host slot that
-                // stays pinned, so unwritten, until this closure returns,
-                // and it returns only once the copy has landed.
-                unsafe {
-                    copier.copy(
-                        &self.backend,
-                        job.slot,
-                        src,
-                        dst,
-                        job.bytes,
-                        job.wait_for_reader,
-                        true,
-                    )
+            ExpertSource::Stored(stored) => {
+                // The host slot must stay pinned until the copy lands, which
+                // is after the device slot's last reader: wait for the
+                // reader first, holding nothing the other workers need.
+                if let (CopyBackend::Cuda(cuda), true) = (&self.backend, job.wait_for_reader) {
+                    cuda.wait_for_reader(job.slot)?;
                 }
-            }),
+                self.copy_stored(stored, copier, job, dst)
+            }
         }
+    }
+
+    /// Copies the job's expert from the host cache (read from the store
+    /// first when it is not there) into its slot at `dst`.
+    fn copy_stored(
+        &self,
+        stored: &StoredExperts,
+        copier: &WorkerCopier,
+        job: &CopyJob,
+        dst: u64,
+    ) -> Result<Vec<CopyTime>> {
+        stored.with_expert(job.expert, |src| {
+            // SAFETY: the slot is at least `job.bytes` long and only this
+            // worker writes it while it is in phase Copying; `src` starts the
+            // expert's loaded blob (at least `job.bytes` long) in a host slot
+            // that stays pinned, so unwritten, until this closure returns,
+            // and it returns only once the copy has landed.
+            unsafe { copier.copy(&self.backend, job.slot, src, dst, job.bytes, true) }
+        })
     }
 
     /// Reads one expert of a [`preload`](ExpertCache::preload) into the
@@ -788,32 +850,34 @@ fn tracer_for(layout: &ExpertLayout, config: &CacheConfig) -> Result<Option<Live
     Ok(Some(LiveTracer::new(planner)))
 }
 
-fn spawn_worker(shared: Arc<Shared>, index: usize) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(format!("moe-offload-copy-{index}"))
-        .spawn(
-            move || match WorkerCopier::on_this_thread(&shared.backend) {
-                Ok(copier) => shared.serve(&copier),
-                Err(e) => fail_all(&shared, &e),
-            },
-        )
+/// The host tier for [`ExpertCache::new`].
+fn resident(layout: &ExpertLayout, cuda: Option<&Arc<Context>>) -> Result<ExpertSource> {
+    Ok(ExpertSource::Resident(HostTier::new(layout.clone(), cuda)?))
 }
 
-/// A worker that cannot set itself up fails every request it takes, so
-/// waiters get an error instead of hanging.
-fn fail_all(shared: &Shared, error: &CoreError) {
-    while let Some(request) = shared.queue.pop() {
-        if request.urgency == Urgency::Stage {
-            shared.preloaded(Err(CoreError::InvalidConfig(error.to_string())));
-            continue;
-        }
-        let mut state = shared.lock();
-        if let Some(job) = state.accept(request) {
-            state.finish_copy(&job, Err(CopyFailure::from(error)));
-        }
-        drop(state);
-        shared.copied.notify_all();
-    }
+/// Starts copy worker `index`: it sets itself up with `setup`, sends the
+/// outcome to `report`, and serves the queue if that went well (a worker
+/// that failed ends: the cache is not built).
+fn spawn_worker(
+    shared: Arc<Shared>,
+    index: usize,
+    setup: WorkerSetup,
+    report: Sender<Result<()>>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("moe-offload-copy-{index}"))
+        .spawn(move || {
+            let copier = match unless_panicked(|| setup(&shared.backend)) {
+                Ok(copier) => copier,
+                Err(e) => {
+                    let _ = report.send(Err(e));
+                    return;
+                }
+            };
+            let _ = report.send(Ok(()));
+            drop(report);
+            shared.serve(&copier);
+        })
 }
 
 impl Drop for ExpertCache {
@@ -884,6 +948,73 @@ mod tests {
             1,
             "every started worker is joined"
         );
+    }
+
+    #[test]
+    fn a_copy_worker_that_cannot_set_up_fails_the_cache() {
+        // The second of three workers cannot set itself up (on CUDA: no
+        // stream, no event); the other two could serve, but the cache is
+        // refused rather than left to fail that worker's requests.
+        static SET_UPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn second_fails(backend: &CopyBackend) -> Result<WorkerCopier> {
+            match SET_UPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                1 => Err(CoreError::InvalidConfig("no stream for this worker".into())),
+                _ => WorkerCopier::on_this_thread(backend),
+            }
+        }
+        let pool = vec![0u8; 4096];
+        let error = ExpertCache::build(host_config(3, &pool), resident, second_fails)
+            .err()
+            .expect("a worker's failed set-up fails the cache")
+            .to_string();
+        assert!(error.contains("no stream for this worker"), "{error}");
+        assert_eq!(SET_UPS.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // A set-up that panics is a failure too, not a hang.
+        let error = ExpertCache::build(host_config(2, &pool), resident, |_| {
+            panic!("driver exploded")
+        })
+        .err()
+        .expect("a panicking set-up fails the cache")
+        .to_string();
+        assert!(error.contains("driver exploded"), "{error}");
+    }
+
+    #[test]
+    fn a_panicking_copy_wakes_its_waiters_and_the_worker_goes_on() {
+        let pool = vec![0u8; 4096];
+        let cache = Arc::new(
+            ExpertCache::build(host_config(1, &pool), resident, |_| {
+                Ok(WorkerCopier::Panics)
+            })
+            .unwrap(),
+        );
+        for expert in [0, 1] {
+            cache.fetch(0, &[expert]).unwrap();
+            // Two threads wait for the same copy; the copy panics.
+            let (done, outcomes) = std::sync::mpsc::channel();
+            for _ in 0..2 {
+                let (cache, done) = (Arc::clone(&cache), done.clone());
+                std::thread::spawn(move || {
+                    done.send(cache.wait(0, expert, 0).map_err(|e| e.to_string()))
+                });
+            }
+            for _ in 0..2 {
+                // A generous bound that only a hang reaches: a waiter left
+                // blocked fails the test instead of hanging the suite.
+                let outcome = outcomes
+                    .recv_timeout(std::time::Duration::from_secs(120))
+                    .expect("a waiter of a panicked copy was never woken");
+                let error = outcome.unwrap_err();
+                assert!(
+                    error.contains("panicked") && error.contains("blew up"),
+                    "{error}"
+                );
+            }
+            // The failed slot is given back on release, and the same worker
+            // serves (and fails) the next expert's copy.
+            cache.release(0, &[expert], 0).unwrap();
+        }
+        assert_eq!(cache.free_slots(), 1);
     }
 
     #[test]

@@ -37,10 +37,13 @@ struct PyExpertCache {
 impl PyExpertCache {
     #[new]
     /// Planner settings (prefetch depth, EAMC capacity, ...) come as
-    /// keyword arguments; see `planner.rs`.
+    /// keyword arguments; see `planner.rs`. `pool_stream`: on CUDA, the
+    /// stream the pool was allocated on; by default torch's current stream
+    /// on the pool's device, which is the one a pool allocated just before
+    /// was ordered on.
     #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=None,
         policy="activation-aware", budget_bytes=None, eamc_path=None, store=None, host_slots=0,
-        **planner))]
+        pool_stream=None, **planner))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -56,15 +59,26 @@ impl PyExpertCache {
         eamc_path: Option<PathBuf>,
         store: Option<Py<PyExpertStore>>,
         host_slots: usize,
+        pool_stream: Option<u64>,
         planner: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let budget_bytes = budget_bytes.unwrap_or((slot_bytes * n_slots) as u64);
+        let device = match parse_device(device)? {
+            Some(ordinal) => Device::Cuda {
+                ordinal,
+                pool_stream: match pool_stream {
+                    Some(stream) => stream,
+                    None => torch_current_stream(pool_owner.bind(py))?,
+                },
+            },
+            None => Device::Host,
+        };
         let config = CacheConfig {
             layers,
             pool_address,
             slot_bytes,
             n_slots,
-            device: parse_device(device)?,
+            device,
             copy_workers: copy_workers.map_or(Ok(1), worker_count)?,
             policy: policy.to_string(),
             budget_bytes,
@@ -320,12 +334,13 @@ fn worker_count(value: &Bound<'_, PyAny>) -> PyResult<usize> {
     })
 }
 
-fn parse_device(device: &str) -> PyResult<Device> {
+/// The CUDA device ordinal `device` names; `None` for the host.
+fn parse_device(device: &str) -> PyResult<Option<i32>> {
     match device {
-        "cpu" | "host" => Ok(Device::Host),
-        "cuda" => Ok(Device::Cuda { ordinal: 0 }),
+        "cpu" | "host" => Ok(None),
+        "cuda" => Ok(Some(0)),
         other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(ordinal) => Ok(Device::Cuda { ordinal }),
+            Some(ordinal) => Ok(Some(ordinal)),
             None => Err(errors::MoeOffloadError::new_err(format!(
                 "unknown device {other:?}; use \"cpu\", \"cuda\" or \"cuda:N\""
             ))),
@@ -333,7 +348,24 @@ fn parse_device(device: &str) -> PyResult<Device> {
     }
 }
 
-/// Whether the CUDA driver library could be loaded, and if not, why.
+/// torch's current stream on the device of `pool` (a CUDA tensor), as a
+/// driver handle.
+fn torch_current_stream(pool: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let stream = || -> PyResult<u64> {
+        let torch = pool.py().import("torch")?;
+        let current = torch
+            .getattr("cuda")?
+            .call_method1("current_stream", (pool.getattr("device")?,))?;
+        current.getattr("cuda_stream")?.extract()
+    };
+    stream().map_err(|e| {
+        errors::MoeOffloadError::new_err(format!(
+            "pool_stream: cannot ask torch for the current stream of the pool's device ({e}); \
+             pass pool_stream, the stream the pool was allocated on"
+        ))
+    })
+}
+
 /// The largest EAMC capacity allowed for `layers` × `experts` on this
 /// machine (see `trace::eamc::max_capacity`).
 #[pyfunction]
@@ -341,6 +373,7 @@ fn max_eamc_capacity(layers: usize, experts: usize) -> usize {
     crate::trace::eamc::max_capacity(layers, experts)
 }
 
+/// Whether the CUDA driver library could be loaded, and if not, why.
 #[pyfunction]
 fn cuda_driver_status() -> (bool, String) {
     match moe_offload_cuda::driver() {

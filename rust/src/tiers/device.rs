@@ -9,6 +9,11 @@ use crate::layout::ExpertId;
 
 pub type SlotId = u32;
 
+/// How many victims still being read [`SlotPool::choose_slot`] passes over
+/// before settling for the first: each look asks the device once and runs
+/// the policy over the slots once more.
+pub const MAX_PASSED_VICTIMS: usize = 3;
+
 /// Where a slot is in its life: an expert is assigned, its copy is queued,
 /// runs, and completes; only then may the slot be read.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,21 +136,47 @@ impl SlotPool {
     /// the evictable ones), pinned once, with its copy still to be queued.
     /// `None` when every slot is pinned or mid-copy.
     pub fn assign(&mut self, expert: ExpertId, policy: &mut dyn CachePolicy) -> Option<Assignment> {
-        let slot = self.choose_slot(policy)?;
+        let slot = self.choose_slot(policy, &mut |_| false)?;
         Some(self.install(slot, expert, policy))
     }
 
     /// The slot a newcomer would take: an empty one, else the policy's
     /// victim among the evictable ones (never pinned, never mid-copy).
-    pub fn choose_slot(&self, policy: &mut dyn CachePolicy) -> Option<SlotId> {
+    ///
+    /// A victim that `still_read` says a device stream may still be
+    /// reading (its last reader's work is queued, not done) is passed over
+    /// for the policy's next choice, up to [`MAX_PASSED_VICTIMS`] times:
+    /// a copy into it would wait for that reader, and a copy worker that
+    /// must wait blocks the misses behind it. When every choice is still
+    /// read, the policy's first choice stands.
+    pub fn choose_slot(
+        &self,
+        policy: &mut dyn CachePolicy,
+        still_read: &mut dyn FnMut(SlotId) -> bool,
+    ) -> Option<SlotId> {
         if let Some(empty) = self.slots.iter().position(|s| s.phase == Phase::Empty) {
             return Some(empty as SlotId);
         }
+        let first = self.victim(policy, &[])?;
+        let mut passed = Vec::new();
+        let mut victim = first;
+        while still_read(victim) {
+            passed.push(victim);
+            match self.victim(policy, &passed) {
+                Some(next) if passed.len() <= MAX_PASSED_VICTIMS => victim = next,
+                _ => return Some(first),
+            }
+        }
+        Some(victim)
+    }
+
+    /// The policy's victim among the evictable slots not in `excluded`.
+    fn victim(&self, policy: &mut dyn CachePolicy, excluded: &[SlotId]) -> Option<SlotId> {
         let mut candidates = self
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| is_evictable(s))
+            .filter(|&(i, s)| is_evictable(s) && !excluded.contains(&(i as SlotId)))
             .map(|(i, s)| (i as SlotId, s.expert.expect("a ready slot holds an expert")));
         policy.choose_victim(&mut candidates)
     }
@@ -397,6 +428,36 @@ mod tests {
         assert_eq!(pool.unpinned(), 2);
         assert_eq!(pool.available(), 2);
         assert_eq!(pool.unpin_all(a), (0, None));
+    }
+
+    #[test]
+    fn a_victim_still_being_read_is_passed_over_while_others_are_done() {
+        let mut pool = SlotPool::new(0, 64, 3, 10).unwrap();
+        let mut lru = Lru::new(3);
+        for expert in 0..3 {
+            let slot = ready(&mut pool, &mut lru, expert);
+            pool.unpin(slot).unwrap();
+        }
+        // LRU order 0, 1, 2. Slot 0's reader is still running on the device.
+        let mut asked = Vec::new();
+        let reading = |busy: &[SlotId]| {
+            let busy = busy.to_vec();
+            move |slot: SlotId| busy.contains(&slot)
+        };
+        let still_read = reading(&[0]);
+        let mut probe = |slot| {
+            asked.push(slot);
+            still_read(slot)
+        };
+        assert_eq!(pool.choose_slot(&mut lru, &mut probe), Some(1));
+        assert_eq!(asked, vec![0, 1]);
+        // Every slot still read: the policy's first choice stands.
+        assert_eq!(
+            pool.choose_slot(&mut lru, &mut reading(&[0, 1, 2])),
+            Some(0)
+        );
+        // Nobody reading: the policy's choice, asked about once.
+        assert_eq!(pool.choose_slot(&mut lru, &mut reading(&[])), Some(0));
     }
 
     #[test]
