@@ -22,6 +22,7 @@
 pub mod cache;
 pub mod copy;
 pub mod error;
+pub mod execution;
 pub mod layout;
 pub mod planner;
 pub mod queue;
