@@ -407,18 +407,10 @@ pub(super) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tiers::store::round_trip_tests::names;
 
     fn no_fail(path: &Path, doing: &str, e: std::io::Error) -> CoreError {
         store_error(path, format!("{doing} failed: {e}"))
-    }
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<_> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
     }
 
     #[test]

@@ -220,7 +220,8 @@ fn write_experts(writer: &mut StoreWriter) {
     }
 }
 
-fn names(dir: &Path) -> Vec<String> {
+/// The entries of `dir`, sorted (also used by `commit`'s tests).
+pub(super) fn names(dir: &Path) -> Vec<String> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
