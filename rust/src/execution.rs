@@ -15,6 +15,9 @@
 //! - The device is busy for `device_busy_s` (e.g. the layer's hits), then
 //!   runs the copied experts in order, `device_s` each, each one no earlier
 //!   than its copy has landed.
+//! - After the copied experts, the device has `device_tail_s` of work that
+//!   waits for all of them (the policy lab's whole-layer compute, which
+//!   starts once the layer's copies have landed; 0 on the live path).
 //! - The layer's finish is the later of the CPU's finish and the device
 //!   path's finish; [`split_misses`] minimises it exactly.
 //!
@@ -46,6 +49,8 @@ pub struct CostModel {
     pub device_s: f64,
     /// Device work queued ahead of the copied experts (e.g. the layer's hits).
     pub device_busy_s: f64,
+    /// Device work after the copied experts, waiting for all of them.
+    pub device_tail_s: f64,
 }
 
 impl CostModel {
@@ -63,6 +68,7 @@ impl CostModel {
             ("copy_backlog_s", self.copy_backlog_s),
             ("device_s", self.device_s),
             ("device_busy_s", self.device_busy_s),
+            ("device_tail_s", self.device_tail_s),
         ];
         for (name, value) in fields {
             if !value.is_finite() || value < 0.0 {
@@ -82,15 +88,17 @@ impl CostModel {
     /// Unrolled, the finish is the largest of `busy + k * device` and
     /// `backlog + j * copy + (k - j + 1) * device` over j = 1..=k; the
     /// latter is linear in j, so its largest value is at j = 1 or j = k.
+    /// The tail follows either way.
     fn device_finish(&self, copied: usize) -> f64 {
         if copied == 0 {
-            return self.device_busy_s;
+            return self.device_busy_s + self.device_tail_s;
         }
         let k = copied as f64;
         let runs = k * self.device_s;
-        (self.device_busy_s + runs)
+        let last_run = (self.device_busy_s + runs)
             .max(self.copy_backlog_s + self.copy_s + runs)
-            .max(self.copy_backlog_s + k * self.copy_s + self.device_s)
+            .max(self.copy_backlog_s + k * self.copy_s + self.device_s);
+        last_run + self.device_tail_s
     }
 }
 
@@ -179,6 +187,86 @@ pub fn split_misses(misses: &[Miss], costs: &CostModel) -> Result<Split> {
     Ok(best)
 }
 
+/// Where the misses of a layer may run (`cpu_experts=` in Python).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuExperts {
+    /// Every expert runs from a device slot; misses are copied first.
+    Never,
+    /// Each miss goes where [`split_misses`] says the layer ends soonest.
+    #[default]
+    Auto,
+    /// Every miss runs on the CPU; only hits use the device slots.
+    Always,
+}
+
+impl CpuExperts {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "never" => Ok(Self::Never),
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            other => Err(CoreError::InvalidConfig(format!(
+                "cpu_experts = {other:?}: choose \"auto\" (decide per miss from measured costs), \
+                 \"never\" (copy every miss to the device) or \"always\" (run every miss on the CPU)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Never => "never",
+            Self::Auto => "auto",
+            Self::Always => "always",
+        }
+    }
+}
+
+/// Token counts up to this are "a few tokens": the expert's time is its
+/// weights read from memory ([`CostModel::cpu_fixed_s`]).
+const FEW_TOKENS: u32 = 4;
+/// Token counts from this on are "many": the time per token is arithmetic
+/// ([`CostModel::cpu_per_token_s`]).
+const MANY_TOKENS: u32 = 16;
+/// Weight of a new measurement in the running averages.
+const NEW: f64 = 0.1;
+
+/// The CPU's measured time per expert, learned from the experts it ran:
+/// a running average of the time of experts with a few tokens (the
+/// weights' read, memory-bound) and of the time per token of experts with
+/// many (arithmetic-bound). Counts in between teach neither: the model is
+/// linear, and those are where it is least exact.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuCosts {
+    few_tokens_s: Option<f64>,
+    per_token_s: Option<f64>,
+}
+
+impl CpuCosts {
+    /// The CPU ran one expert for `tokens` tokens in `seconds`.
+    pub fn record(&mut self, tokens: u32, seconds: f64) {
+        if !(seconds.is_finite() && seconds > 0.0) || tokens == 0 {
+            return;
+        }
+        if tokens <= FEW_TOKENS {
+            blend(&mut self.few_tokens_s, seconds);
+        } else if tokens >= MANY_TOKENS {
+            blend(&mut self.per_token_s, seconds / f64::from(tokens));
+        }
+    }
+
+    /// `(cpu_fixed_s, cpu_per_token_s)` once both kinds were measured.
+    pub fn estimate(&self) -> Option<(f64, f64)> {
+        Some((self.few_tokens_s?, self.per_token_s?))
+    }
+}
+
+fn blend(average: &mut Option<f64>, value: f64) {
+    *average = Some(match *average {
+        Some(a) => a + NEW * (value - a),
+        None => value,
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,7 +299,7 @@ mod tests {
             copy_clock += costs.copy_s;
             device_clock = device_clock.max(copy_clock) + costs.device_s;
         }
-        cpu_clock.max(device_clock)
+        cpu_clock.max(device_clock + costs.device_tail_s)
     }
 
     /// The best finish over all 2^n assignments.
@@ -319,10 +407,40 @@ mod tests {
     }
 
     #[test]
+    fn cpu_costs_need_both_kinds_of_measurement() {
+        let mut costs = CpuCosts::default();
+        costs.record(1, 200.0 * US);
+        assert_eq!(costs.estimate(), None, "no many-token expert measured yet");
+        costs.record(8, 1.0); // between the two kinds: teaches neither
+        costs.record(0, 1.0);
+        costs.record(64, f64::NAN);
+        assert_eq!(costs.estimate(), None);
+        costs.record(64, 64.0 * 50.0 * US);
+        let (fixed, per_token) = costs.estimate().unwrap();
+        assert_close(fixed, 200.0 * US);
+        assert_close(per_token, 50.0 * US);
+        // Later measurements move the averages a tenth of the way.
+        costs.record(2, 300.0 * US);
+        assert_close(costs.estimate().unwrap().0, 210.0 * US);
+    }
+
+    #[test]
+    fn cpu_experts_modes_parse_by_name() {
+        for mode in [CpuExperts::Never, CpuExperts::Auto, CpuExperts::Always] {
+            assert_eq!(CpuExperts::parse(mode.name()).unwrap(), mode);
+        }
+        let text = CpuExperts::parse("sometimes").unwrap_err().to_string();
+        assert!(
+            text.contains("\"sometimes\"") && text.contains("\"auto\""),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn nan_infinite_and_negative_costs_are_refused_by_name() {
         let bad = [f64::NAN, f64::INFINITY, -1e-9];
         for value in bad {
-            for field in 0..6 {
+            for field in 0..7 {
                 let mut costs = decode_costs();
                 let (slot, name) = match field {
                     0 => (&mut costs.cpu_fixed_s, "cpu_fixed_s"),
@@ -330,7 +448,8 @@ mod tests {
                     2 => (&mut costs.copy_s, "copy_s"),
                     3 => (&mut costs.copy_backlog_s, "copy_backlog_s"),
                     4 => (&mut costs.device_s, "device_s"),
-                    _ => (&mut costs.device_busy_s, "device_busy_s"),
+                    5 => (&mut costs.device_busy_s, "device_busy_s"),
+                    _ => (&mut costs.device_tail_s, "device_tail_s"),
                 };
                 *slot = value;
                 let err = split_misses(&misses(&[1]), &costs).unwrap_err();
@@ -352,13 +471,14 @@ mod tests {
     }
 
     fn cost_model() -> impl Strategy<Value = CostModel> {
-        (cost(), cost(), cost(), cost(), cost(), cost()).prop_map(|c| CostModel {
+        (cost(), cost(), cost(), cost(), cost(), cost(), cost()).prop_map(|c| CostModel {
             cpu_fixed_s: c.0,
             cpu_per_token_s: c.1 / 100.0,
             copy_s: c.2,
             copy_backlog_s: c.3,
             device_s: c.4 / 10.0,
             device_busy_s: c.5,
+            device_tail_s: c.6,
         })
     }
 
@@ -396,7 +516,7 @@ mod tests {
 
         #[test]
         fn any_finite_input_gets_a_split(
-            costs in (extreme(), extreme(), extreme(), extreme(), extreme(), extreme()),
+            costs in (extreme(), extreme(), extreme(), extreme(), extreme(), extreme(), extreme()),
             tokens in vec(prop_oneof![Just(u32::MAX), any::<u32>()], 0..=64),
         ) {
             let costs = CostModel {
@@ -406,6 +526,7 @@ mod tests {
                 copy_backlog_s: costs.3,
                 device_s: costs.4,
                 device_busy_s: costs.5,
+                device_tail_s: costs.6,
             };
             let split = split_misses(&misses(&tokens), &costs).unwrap();
             prop_assert_eq!(split.copy().len() + split.cpu().len(), tokens.len());

@@ -19,6 +19,9 @@ pub enum Urgency {
     OnDemand,
     /// Predicted to be needed; higher scores are copied first.
     Prefetch(f32),
+    /// Just run on the CPU: copied, after every prefetch, when the policy
+    /// would keep it (see `CacheCore::place`); replanning leaves these alone.
+    Background,
     /// Read from the expert store into the host cache only (preloading),
     /// after everything else; replanning leaves these alone.
     Stage,
@@ -44,6 +47,8 @@ impl Entry {
         match self.request.urgency {
             Urgency::OnDemand => (true, f32::INFINITY),
             Urgency::Prefetch(score) => (false, score),
+            // Below every prefetch (scores are finite), above staging.
+            Urgency::Background => (false, f32::MIN),
             Urgency::Stage => (false, f32::NEG_INFINITY),
         }
     }
@@ -180,6 +185,15 @@ impl PrefetchQueue {
 
     pub fn len(&self) -> usize {
         self.lock().heap.len()
+    }
+
+    /// Queued requests that `selected` selects.
+    pub fn count_if(&self, mut selected: impl FnMut(&CopyRequest) -> bool) -> usize {
+        self.lock()
+            .heap
+            .iter()
+            .filter(|e| selected(&e.request))
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {

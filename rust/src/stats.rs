@@ -29,6 +29,13 @@ pub struct Stats {
     pub prefetch_wasted: u64,
     /// Copies started by prefetch rather than on demand.
     pub prefetch_copies: u64,
+    /// Misses run on the CPU from host memory instead of copied (counted
+    /// in `misses` too).
+    pub cpu_experts: u64,
+    /// Seconds the CPU spent running them, as the caller measured.
+    pub cpu_seconds: f64,
+    /// Copies of experts just run on the CPU that the policy chose to keep.
+    pub background_copies: u64,
     /// Hits and misses per MoE layer.
     pub layer_hits: Vec<u64>,
     pub layer_misses: Vec<u64>,

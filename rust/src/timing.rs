@@ -63,6 +63,11 @@ impl TimingEstimate {
         self.last_layer = Some((layer, now, stall_total));
     }
 
+    /// How long a copy of `bytes` takes, once a copy was measured.
+    pub fn copy_seconds(&self, bytes: usize) -> Option<f64> {
+        Some(self.seconds_per_byte? * bytes as f64)
+    }
+
     /// The estimate for experts of `expert_bytes`, once both are measured.
     pub fn timing(&self, expert_bytes: usize) -> Option<Timing> {
         Some(Timing {

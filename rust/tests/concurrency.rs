@@ -125,6 +125,7 @@ fn cache_config(pool: &Pool, policy: &str) -> CacheConfig {
         budget_bytes: (N_SLOTS * SLOT) as u64,
         planner: PlannerConfig::default(),
         eamc_path: None,
+        cpu_experts: moe_offload_core::execution::CpuExperts::Never,
     }
 }
 
@@ -316,7 +317,9 @@ fn check_order(delivered: &[CopyRequest]) {
                 let j = last_prefetch.entry(p).or_insert(i);
                 *j = (*j).max(i);
             }
-            Urgency::Stage => unreachable!("nobody stages here"),
+            Urgency::Stage | Urgency::Background => {
+                unreachable!("nobody stages or runs on the CPU here")
+            }
         }
     }
 }

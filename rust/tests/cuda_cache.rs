@@ -59,6 +59,7 @@ fn cache_on(pool: &DeviceBuffer, n_slots: usize, workers: usize, pool_stream: u6
         budget_bytes: (n_slots * SLOT) as u64,
         planner: PlannerConfig::default(),
         eamc_path: None,
+        cpu_experts: moe_offload_core::execution::CpuExperts::Never,
     };
     let cache = ExpertCache::new(config).expect("a CUDA expert cache");
     for e in 0..EXPERTS {
@@ -183,6 +184,7 @@ fn large_cache(context: &Arc<Context>) -> (ExpertCache, DeviceBuffer) {
         budget_bytes: LARGE as u64,
         planner: PlannerConfig::default(),
         eamc_path: None,
+        cpu_experts: moe_offload_core::execution::CpuExperts::Never,
     };
     (ExpertCache::new(config).expect("a CUDA expert cache"), pool)
 }

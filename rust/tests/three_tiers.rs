@@ -68,6 +68,7 @@ fn fixture(n_slots: usize, host_slots: usize, workers: usize, policy: &str) -> F
         budget_bytes: (n_slots * SLOT) as u64,
         planner: PlannerConfig::default(),
         eamc_path: None,
+        cpu_experts: moe_offload_core::execution::CpuExperts::Never,
     };
     let cache = ExpertCache::with_store(config, store, host_slots).unwrap();
     Fixture {

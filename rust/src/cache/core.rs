@@ -16,6 +16,7 @@ use moe_offload_cuda::EventState;
 
 use super::CachePolicy;
 use crate::error::{CoreError, Result};
+use crate::execution::{split_misses, CostModel, CpuExperts, Miss};
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
 use crate::stats::Stats;
@@ -52,6 +53,37 @@ impl SlotEvents for Synchronous {
     fn reader_state(&self, _slot: SlotId) -> EventState {
         EventState::Complete
     }
+}
+
+/// Where one expert of a layer runs (see [`CacheCore::place`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// From this device slot, pinned: wait for it, run it, release it.
+    Slot(SlotId),
+    /// On the CPU, from the expert's bytes in host memory.
+    Cpu,
+    /// From a device slot, fetched once the layer's pinned slots are
+    /// released: the pool cannot hold it beside them.
+    Later,
+}
+
+/// The measured rates behind a layer's [`CostModel`], in seconds: the
+/// caller's estimates (the live cache's running averages, or the lab's
+/// settings). The copy backlog and the device's busy time come from the
+/// core's state at the moment of the decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExecutionCosts {
+    pub cpu_fixed_s: f64,
+    pub cpu_per_token_s: f64,
+    /// One expert's copy.
+    pub copy_s: f64,
+    /// One expert's run on the device.
+    pub device_s: f64,
+    /// Device work after the copied experts (see [`CostModel`]).
+    pub device_tail_s: f64,
+    /// Copies queued or running ahead of this layer's, in seconds; `None`:
+    /// the core counts its slots still waiting for a copy, `copy_s` each.
+    pub copy_backlog_s: Option<f64>,
 }
 
 pub struct CacheCore {
@@ -147,6 +179,135 @@ impl CacheCore {
             slots.push(slot);
         }
         Ok(slots)
+    }
+
+    /// Decides where each of one layer's experts runs and pins the slots of
+    /// those that run from one now. `tokens[i]` is the number of tokens
+    /// routed to `ids[i]`.
+    ///
+    /// An expert in a slot (landed, or with its copy on the way) is a hit
+    /// and runs from it. The misses go by `mode`: `Never` copies them all;
+    /// `Always` runs them all on the CPU; `Auto` splits them with
+    /// [`split_misses`] from `costs` (copying them all while `costs` is
+    /// unknown). A cache without slots runs every expert on the CPU. Copies
+    /// the pool cannot hold beside the pinned slots are placed `Later`.
+    ///
+    /// A miss run on the CPU counts as a miss and in `cpu_experts`; it is
+    /// also queued as a background copy, after every prefetch, which the
+    /// policy turns down when the slot's expert is worth more (see
+    /// [`accept`](Self::accept)). Such copies never take a pinned slot, so
+    /// an expert in use is never evicted by one.
+    pub fn place(
+        &mut self,
+        queue: &PrefetchQueue,
+        ids: &[ExpertId],
+        tokens: &[u32],
+        mode: CpuExperts,
+        costs: Option<&ExecutionCosts>,
+    ) -> Result<Vec<Placement>> {
+        if ids.len() != tokens.len() {
+            return Err(CoreError::Protocol(format!(
+                "{} experts but {} token counts: one count per expert",
+                ids.len(),
+                tokens.len()
+            )));
+        }
+        let mut placements = vec![Placement::Later; ids.len()];
+        let resident: Vec<bool> = ids
+            .iter()
+            .map(|&id| self.pool.lookup(id).is_some())
+            .collect();
+        let misses: Vec<Miss> = (0..ids.len())
+            .filter(|&i| !resident[i])
+            .map(|i| Miss {
+                expert: i as ExpertId,
+                tokens: tokens[i],
+            })
+            .collect();
+        let hits = ids.len() - misses.len();
+        let to_copy: Vec<usize> = match (mode, costs) {
+            _ if self.pool.is_empty() => Vec::new(),
+            (CpuExperts::Never, _) | (CpuExperts::Auto, None) => {
+                misses.iter().map(|m| m.expert as usize).collect()
+            }
+            (CpuExperts::Always, _) => Vec::new(),
+            (CpuExperts::Auto, Some(costs)) => {
+                let model = self.cost_model(costs, hits);
+                let split = split_misses(&misses, &model)?;
+                split.copy().iter().map(|m| m.expert as usize).collect()
+            }
+        };
+        let mut copied = vec![false; ids.len()];
+        for &i in &to_copy {
+            copied[i] = true;
+        }
+        // Hits first, then as many copies as the pool can take beside them.
+        let room = self.room_beside(ids, &resident);
+        let mut now: Vec<usize> = (0..ids.len()).filter(|&i| resident[i]).collect();
+        now.extend(to_copy.iter().copied().take(room));
+        let now_ids: Vec<ExpertId> = now.iter().map(|&i| ids[i]).collect();
+        for (&i, slot) in now.iter().zip(self.fetch(queue, &now_ids)?) {
+            placements[i] = Placement::Slot(slot);
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            if !resident[i] && !copied[i] {
+                placements[i] = Placement::Cpu;
+                self.run_on_cpu(queue, id);
+            }
+        }
+        Ok(placements)
+    }
+
+    /// The layer's cost model: `costs`, with the backlog and the device's
+    /// busy time (its `hits` experts) from the state now.
+    fn cost_model(&self, costs: &ExecutionCosts, hits: usize) -> CostModel {
+        let waiting = self.copies_in_flight() as f64;
+        CostModel {
+            cpu_fixed_s: costs.cpu_fixed_s,
+            cpu_per_token_s: costs.cpu_per_token_s,
+            copy_s: costs.copy_s,
+            copy_backlog_s: costs.copy_backlog_s.unwrap_or(waiting * costs.copy_s),
+            device_s: costs.device_s,
+            device_busy_s: hits as f64 * costs.device_s,
+            device_tail_s: costs.device_tail_s,
+        }
+    }
+
+    /// How many misses the pool can take now beside the hits among `ids`
+    /// (`resident[i]`: `ids[i]` is in a slot), as [`fetch`](Self::fetch)
+    /// counts them.
+    fn room_beside(&self, ids: &[ExpertId], resident: &[bool]) -> usize {
+        let reused = ids
+            .iter()
+            .zip(resident)
+            .filter(|&(_, &r)| r)
+            .filter_map(|(&id, _)| self.pool.lookup(id))
+            .filter(|&slot| self.pool.pins(slot) == 0 && self.pool.phase(slot) == &Phase::Ready)
+            .count();
+        self.pool.available() - reused
+    }
+
+    /// Books a miss run on the CPU and queues its background copy (unless
+    /// one is queued for it already, or a pool's worth are waiting).
+    fn run_on_cpu(&mut self, queue: &PrefetchQueue, id: ExpertId) {
+        self.stats.record_miss(self.layout.locate(id).0);
+        self.stats.cpu_experts += 1;
+        if self.pool.is_empty() {
+            return;
+        }
+        let mut queued_for_it = false;
+        let waiting = queue.count_if(|r| {
+            let background = r.urgency == Urgency::Background;
+            queued_for_it |= background && r.expert == id;
+            background
+        });
+        if !queued_for_it && waiting < self.pool.len() {
+            queue.push(CopyRequest {
+                expert: id,
+                slot: None,
+                urgency: Urgency::Background,
+            });
+        }
     }
 
     fn reuse(&mut self, queue: &PrefetchQueue, slot: SlotId, id: ExpertId) -> SlotId {
@@ -251,6 +412,7 @@ impl CacheCore {
         let slot = match (request.slot, request.urgency) {
             (Some(slot), _) => slot,
             (None, Urgency::Prefetch(_)) => self.admit_prefetch(request.expert)?,
+            (None, Urgency::Background) => self.admit_background(request.expert)?,
             (None, Urgency::OnDemand | Urgency::Stage) => return None,
         };
         self.pool.start_copy(slot, request.expert).ok()?;
@@ -277,6 +439,28 @@ impl CacheCore {
         self.pool.unpin(slot).expect("install pins once");
         self.prefetched[slot as usize] = true;
         self.stats.prefetch_copies += 1;
+        Some(slot)
+    }
+
+    /// A background copy of an expert just run on the CPU takes a slot as a
+    /// miss would, from the policy's victim (never a pinned slot), unless
+    /// the policy ranks experts by predicted reuse and the victim's is at
+    /// least as high.
+    fn admit_background(&mut self, expert: ExpertId) -> Option<SlotId> {
+        if self.pool.lookup(expert).is_some() {
+            return None;
+        }
+        let slot = self.choose_slot()?;
+        if let Some(victim) = self.pool.expert_in(slot) {
+            if self.policy.prefetches()
+                && self.policy.retention(victim) >= self.policy.retention(expert)
+            {
+                return None;
+            }
+        }
+        self.install(slot, expert);
+        self.pool.unpin(slot).expect("install pins once");
+        self.stats.background_copies += 1;
         Some(slot)
     }
 
@@ -364,6 +548,7 @@ mod tests {
     use super::*;
     use crate::cache::activation_aware::ActivationAware;
     use crate::cache::lru::Lru;
+    use crate::execution::CpuExperts;
 
     fn core(n_slots: usize, policy: Box<dyn CachePolicy>) -> CacheCore {
         let layout = ExpertLayout::new(&[(4, 10), (4, 10)]).unwrap();
@@ -472,6 +657,174 @@ mod tests {
         core.fetch(&queue, &[2, 3]).unwrap();
         complete_all(&mut core, &queue);
         assert_eq!(core.release_all(false), 2);
+    }
+
+    fn costs(cpu_us: f64, copy_us: f64) -> ExecutionCosts {
+        ExecutionCosts {
+            cpu_fixed_s: cpu_us * 1e-6,
+            cpu_per_token_s: cpu_us * 1e-6 / 8.0,
+            copy_s: copy_us * 1e-6,
+            device_s: 0.0,
+            device_tail_s: 0.0,
+            copy_backlog_s: None,
+        }
+    }
+
+    #[test]
+    fn never_copies_every_miss_and_defers_what_the_pool_cannot_hold() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(Lru::new(2)));
+        let placed = core
+            .place(&queue, &[0, 1, 2], &[1, 1, 1], CpuExperts::Never, None)
+            .unwrap();
+        assert!(matches!(
+            placed[..],
+            [Placement::Slot(_), Placement::Slot(_), Placement::Later]
+        ));
+        assert_eq!((core.stats().misses, core.stats().cpu_experts), (2, 0));
+        complete_all(&mut core, &queue);
+        core.release(0, false).unwrap();
+        core.release(1, false).unwrap();
+    }
+
+    #[test]
+    fn always_runs_misses_on_the_cpu_and_hits_from_their_slots() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(Lru::new(2)));
+        core.fetch(&queue, &[0]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(0, false).unwrap();
+        let placed = core
+            .place(&queue, &[0, 3], &[1, 1], CpuExperts::Always, None)
+            .unwrap();
+        assert_eq!(placed, [Placement::Slot(0), Placement::Cpu]);
+        let stats = core.stats();
+        assert_eq!((stats.hits, stats.misses, stats.cpu_experts), (1, 2, 1));
+        // The CPU-run miss is copied in the background into the free slot.
+        assert_eq!(queue.len(), 1);
+        complete_all(&mut core, &queue);
+        assert!(core.pool().lookup(3).is_some());
+        assert_eq!(core.stats().background_copies, 1);
+        core.release(0, false).unwrap();
+        // Placing it again before its copy is taken queues it once only.
+        let mut core2 = super::tests::core(2, Box::new(Lru::new(2)));
+        core2
+            .place(&queue, &[5], &[1], CpuExperts::Always, None)
+            .unwrap();
+        core2
+            .place(&queue, &[5], &[1], CpuExperts::Always, None)
+            .unwrap();
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn auto_copies_until_costs_are_measured_then_splits_by_them() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(4, Box::new(Lru::new(4)));
+        let placed = core
+            .place(&queue, &[0, 1], &[1, 1], CpuExperts::Auto, None)
+            .unwrap();
+        assert!(placed.iter().all(|p| matches!(p, Placement::Slot(_))));
+        complete_all(&mut core, &queue);
+        core.release(0, false).unwrap();
+        core.release(1, false).unwrap();
+        // Decode: the CPU (173 us) beats a copy (346 us) for both misses.
+        let decode = core
+            .place(
+                &queue,
+                &[2, 3],
+                &[1, 1],
+                CpuExperts::Auto,
+                Some(&costs(173.0, 600.0)),
+            )
+            .unwrap();
+        assert_eq!(decode, [Placement::Cpu, Placement::Cpu]);
+        queue.remove_if(|_| true);
+        // Prefill: 512 tokens cost the CPU 11 ms each; copying wins.
+        let prefill = core
+            .place(
+                &queue,
+                &[2, 3],
+                &[512, 512],
+                CpuExperts::Auto,
+                Some(&costs(173.0, 346.0)),
+            )
+            .unwrap();
+        assert!(
+            prefill.iter().all(|p| matches!(p, Placement::Slot(_))),
+            "{prefill:?}"
+        );
+    }
+
+    #[test]
+    fn a_pool_without_slots_runs_everything_on_the_cpu() {
+        let layout = ExpertLayout::new(&[(4, 10)]).unwrap();
+        let pool = SlotPool::new(0, 16, 0, 4).unwrap();
+        let mut core = CacheCore::new(layout, pool, Box::new(Lru::new(0)));
+        let queue = PrefetchQueue::new();
+        for mode in [CpuExperts::Never, CpuExperts::Auto, CpuExperts::Always] {
+            let placed = core.place(&queue, &[0, 1], &[3, 1], mode, None).unwrap();
+            assert_eq!(placed, [Placement::Cpu, Placement::Cpu]);
+        }
+        assert!(queue.is_empty(), "no slot to copy into");
+        assert_eq!(core.stats().cpu_experts, 6);
+    }
+
+    #[test]
+    fn an_expert_in_use_is_never_evicted_by_a_background_copy() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(1, Box::new(Lru::new(1)));
+        // Expert 0 takes the only slot and stays pinned (in use); expert 1
+        // runs on the CPU and queues its background copy.
+        let placed = core
+            .place(&queue, &[0], &[1], CpuExperts::Never, None)
+            .unwrap();
+        complete_all(&mut core, &queue);
+        let placed_cpu = core
+            .place(&queue, &[1], &[1], CpuExperts::Always, None)
+            .unwrap();
+        assert_eq!(placed_cpu, [Placement::Cpu]);
+        complete_all(&mut core, &queue);
+        assert_eq!(core.pool().lookup(0), Some(0), "the pinned expert stays");
+        assert_eq!(core.pool().lookup(1), None);
+        assert_eq!(
+            (core.stats().background_copies, core.stats().evictions),
+            (0, 0)
+        );
+        // Once released, the next background copy may take its slot (LRU).
+        assert_eq!(placed, [Placement::Slot(0)]);
+        core.release(0, false).unwrap();
+        core.place(&queue, &[1], &[1], CpuExperts::Always, None)
+            .unwrap();
+        complete_all(&mut core, &queue);
+        assert_eq!(core.pool().lookup(1), Some(0));
+    }
+
+    #[test]
+    fn a_background_copy_never_evicts_an_expert_predicted_more_useful() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(1, Box::new(ActivationAware::new(1, 8)));
+        core.fetch(&queue, &[0]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(0, false).unwrap();
+        let mut scores = vec![0.0; 8];
+        scores[0] = 0.9;
+        scores[1] = 0.2;
+        core.plan(&queue, &scores, &[], 8);
+        core.place(&queue, &[1], &[1], CpuExperts::Always, None)
+            .unwrap();
+        complete_all(&mut core, &queue);
+        assert_eq!(
+            core.pool().lookup(0),
+            Some(0),
+            "0 is predicted more useful than 1"
+        );
+        scores[1] = 0.95;
+        core.plan(&queue, &scores, &[], 8);
+        core.place(&queue, &[1], &[1], CpuExperts::Always, None)
+            .unwrap();
+        complete_all(&mut core, &queue);
+        assert_eq!(core.pool().lookup(1), Some(0), "now 1 is worth the slot");
     }
 
     /// Device events the test sets by hand, as a GPU would report them.

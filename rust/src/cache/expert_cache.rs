@@ -27,18 +27,19 @@ use std::time::Instant;
 
 use moe_offload_cuda::Context;
 
-use super::core::{CacheCore, CopyJob};
+use super::core::{CacheCore, CopyJob, ExecutionCosts, Placement};
 use super::pass_gate::PassGate;
 use super::policy_by_name;
 use crate::copy::{CopyBackend, CopyTime, CudaCopies, WorkerCopier};
 use crate::error::{CoreError, Result};
+use crate::execution::{CpuCosts, CpuExperts};
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::planner::{Planner, PlannerConfig};
 use crate::queue::{CopyRequest, PrefetchQueue, Urgency};
 use crate::stats::Stats;
 use crate::tiers::device::{CopyFailure, Phase, SlotPool};
 use crate::tiers::host::HostTier;
-use crate::tiers::host_cache::HostCacheStats;
+use crate::tiers::host_cache::{HostCacheStats, HostSlotId};
 use crate::tiers::source::{ExpertSource, StoredExperts};
 use crate::tiers::store::ExpertStore;
 use crate::timing::TimingEstimate;
@@ -83,6 +84,8 @@ pub struct CacheConfig {
     pub planner: PlannerConfig,
     /// A saved EAMC to start from.
     pub eamc_path: Option<PathBuf>,
+    /// Where misses may run (see [`ExpertCache::place`]).
+    pub cpu_experts: CpuExperts,
 }
 
 struct Shared {
@@ -93,6 +96,8 @@ struct Shared {
     backend: CopyBackend,
     /// Measured copy and layer times, for the planner's cost model.
     timing: Mutex<TimingEstimate>,
+    /// Measured times of experts run on the CPU, for placing misses.
+    cpu_costs: Mutex<CpuCosts>,
     /// Preloads in progress (see [`ExpertCache::preload`]).
     staging: Mutex<Staging>,
     staged: Condvar,
@@ -114,6 +119,17 @@ pub struct ExpertCache {
     planning: Option<PlanningThread>,
     workers: CopyWorkers,
     passes: PassGate,
+    cpu_experts: CpuExperts,
+    /// Experts whose host bytes the CPU is reading (see
+    /// [`host_acquire`](ExpertCache::host_acquire)).
+    cpu_held: Mutex<Vec<CpuHold>>,
+}
+
+/// One expert the CPU reads from host memory: from the host tier, or from
+/// a host cache slot pinned for it.
+struct CpuHold {
+    expert: ExpertId,
+    host_slot: Option<HostSlotId>,
 }
 
 /// How a copy worker sets itself up, on its own thread (CUDA: binds the
@@ -249,6 +265,7 @@ impl ExpertCache {
         }
         let shared = Arc::new(Shared {
             timing: Mutex::new(TimingEstimate::new(matches!(backend, CopyBackend::Host))),
+            cpu_costs: Mutex::new(CpuCosts::default()),
             source,
             state: Mutex::new(core),
             copied: Condvar::new(),
@@ -271,13 +288,14 @@ impl ExpertCache {
                 CoreError::Protocol("a copy worker ended before reporting its set-up".into())
             })??;
         }
-        // With a slot for every expert there is nothing to evict or
-        // prefetch: requests are traced (the EAMC learns) but not planned.
+        // With a slot for every expert, or none, there is nothing to evict
+        // or prefetch: requests are traced (the EAMC learns) but not planned.
         let every_expert_fits = config.n_slots >= shared.lock().layout().num_experts();
+        let nothing_to_plan = every_expert_fits || config.n_slots == 0;
         let planning = match tracer {
             Some(tracer) => Some(PlanningThread::spawn(
                 tracer,
-                (!every_expert_fits)
+                (!nothing_to_plan)
                     .then(|| apply_plans(Arc::clone(&shared), config.planner.prefetch_depth)),
             )?),
             None => None,
@@ -287,6 +305,8 @@ impl ExpertCache {
             planning,
             workers,
             passes: PassGate::new(),
+            cpu_experts: config.cpu_experts,
+            cpu_held: Mutex::new(Vec::new()),
         })
     }
 
@@ -374,9 +394,11 @@ impl ExpertCache {
         self.layout().check_range(id, offset, src.len())?;
         // Holding the lock keeps any fetch of this expert out until done.
         let state = self.shared.lock();
-        if state.pool().lookup(id).is_some() {
+        if state.pool().lookup(id).is_some() || lock(&self.cpu_held).iter().any(|h| h.expert == id)
+        {
             return Err(CoreError::Protocol(format!(
-                "expert {expert} of layer {layer} is cached on the device; its host bytes cannot change now"
+                "expert {expert} of layer {layer} is in use (cached on the device, or being run on the \
+                 CPU); its host bytes cannot change now"
             )));
         }
         // SAFETY: the range is inside the blob (checked above) and no copy
@@ -443,6 +465,115 @@ impl ExpertCache {
                 outcome => return outcome,
             }
         }
+    }
+
+    /// Where misses run: the mode the cache was built with.
+    pub fn cpu_experts(&self) -> CpuExperts {
+        self.cpu_experts
+    }
+
+    /// Decides where each of one layer's experts runs (see
+    /// [`CacheCore::place`]; `tokens[i]` tokens are routed to `experts[i]`)
+    /// and pins the slots of those that run from one now: `wait` for them
+    /// and `release` them as after `fetch`. A `Cpu` expert's bytes come from
+    /// [`host_acquire`](Self::host_acquire); a `Later` one is fetched once
+    /// this call's slots are released.
+    pub fn place(&self, layer: u32, experts: &[u32], tokens: &[u32]) -> Result<Vec<Placement>> {
+        let ids = self.ids(layer, experts)?;
+        let mode = match (self.cpu_experts, &self.shared.backend) {
+            // The "device" is this processor: a copy only adds to running
+            // the expert where it lies.
+            (CpuExperts::Auto, CopyBackend::Host) => CpuExperts::Always,
+            (mode, _) => mode,
+        };
+        let costs = self.execution_costs(layer)?;
+        self.shared
+            .lock()
+            .place(&self.shared.queue, &ids, tokens, mode, costs.as_ref())
+    }
+
+    /// The measured costs of running one of `layer`'s experts on the CPU
+    /// and of copying it; `None` until both were measured. The device's own
+    /// run of a copied expert is taken as free: for a few tokens it is tens
+    /// of microseconds on a GPU, against hundreds for the copy.
+    fn execution_costs(&self, layer: u32) -> Result<Option<ExecutionCosts>> {
+        let bytes = self.layout().bytes(self.layout().id(layer, 0)?);
+        let Some((cpu_fixed_s, cpu_per_token_s)) = lock(&self.shared.cpu_costs).estimate() else {
+            return Ok(None);
+        };
+        let Some(copy_s) = lock(&self.shared.timing).copy_seconds(bytes) else {
+            return Ok(None);
+        };
+        Ok(Some(ExecutionCosts {
+            cpu_fixed_s,
+            cpu_per_token_s,
+            copy_s,
+            device_s: 0.0,
+            device_tail_s: 0.0,
+            copy_backlog_s: None,
+        }))
+    }
+
+    /// The CPU ran an expert for `tokens` tokens in `seconds`: a
+    /// measurement for placing misses, and (with `count`) for `stats`.
+    pub fn record_cpu(&self, tokens: u32, seconds: f64, count: bool) {
+        lock(&self.shared.cpu_costs).record(tokens, seconds);
+        if count && seconds.is_finite() && seconds > 0.0 {
+            self.shared.lock().stats_mut().cpu_seconds += seconds;
+        }
+    }
+
+    /// The host address of the expert's blob, held for the CPU to read
+    /// until [`host_release`](Self::host_release) (or `release_all`): in
+    /// the host tier, or in a host cache slot, read from the store first
+    /// when absent, that is not reused while held.
+    pub fn host_acquire(&self, layer: u32, expert: u32) -> Result<u64> {
+        let id = self.layout().id(layer, expert)?;
+        let (address, host_slot) = match &self.shared.source {
+            ExpertSource::Resident(host) => (host.expert_ptr(id) as u64, None),
+            ExpertSource::Stored(stored) => {
+                let slot = stored.pin(id)?;
+                (stored.host_cache().ptr(slot) as u64, Some(slot))
+            }
+        };
+        // Under the state lock, which `write_expert` holds while it checks.
+        let _state = self.shared.lock();
+        lock(&self.cpu_held).push(CpuHold {
+            expert: id,
+            host_slot,
+        });
+        Ok(address)
+    }
+
+    /// Lets go of an expert's host bytes taken by `host_acquire`.
+    pub fn host_release(&self, layer: u32, expert: u32) -> Result<()> {
+        let id = self.layout().id(layer, expert)?;
+        let mut held = lock(&self.cpu_held);
+        let Some(index) = held.iter().position(|h| h.expert == id) else {
+            return Err(CoreError::Protocol(format!(
+                "expert {expert} of layer {layer} is not held for the CPU (or already let go)"
+            )));
+        };
+        let hold = held.swap_remove(index);
+        drop(held);
+        self.unpin_host(&hold);
+        Ok(())
+    }
+
+    fn unpin_host(&self, hold: &CpuHold) {
+        if let (ExpertSource::Stored(stored), Some(slot)) = (&self.shared.source, hold.host_slot) {
+            stored.unpin(slot);
+        }
+    }
+
+    /// The host memory every address from `host_acquire` lies in: its first
+    /// byte and length (the host tier, or the host cache).
+    pub fn host_region(&self) -> (u64, usize) {
+        let (base, len) = match &self.shared.source {
+            ExpertSource::Resident(host) => host.region(),
+            ExpertSource::Stored(stored) => stored.host_cache().region(),
+        };
+        (base as u64, len)
     }
 
     /// Starts `n` new requests (one per sequence of a batch); the current
@@ -596,13 +727,18 @@ impl ExpertCache {
     /// one the slots were read on, and the slots are reused only after its
     /// work so far. Returns how many pins were dropped.
     pub fn release_all(&self, stream: u64) -> Result<u32> {
+        let held = std::mem::take(&mut *lock(&self.cpu_held));
+        for hold in &held {
+            self.unpin_host(hold);
+        }
+        let held = held.len() as u32;
         if self.free_slots() == self.n_slots() {
-            return Ok(0);
+            return Ok(held);
         }
         // Readers that never recorded where they were done: the slots may
         // be overwritten once everything queued on their stream has run.
         self.reader_finished(stream)?;
-        Ok(self.shared.lock().release_all(self.is_cuda()))
+        Ok(held + self.shared.lock().release_all(self.is_cuda()))
     }
 
     /// The model's forward passes, one at a time: the caller takes a turn
@@ -904,6 +1040,7 @@ mod tests {
             budget_bytes: 4096,
             planner: PlannerConfig::default(),
             eamc_path: None,
+            cpu_experts: CpuExperts::Never,
         }
     }
 

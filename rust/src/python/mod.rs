@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cache::core::Placement;
 use crate::cache::{CacheConfig, Device, ExpertCache as CoreCache};
+use crate::execution::CpuExperts;
 use errors::to_py;
 use store::PyExpertStore;
 
@@ -43,7 +45,7 @@ impl PyExpertCache {
     /// was ordered on.
     #[pyo3(signature = (layers, pool_address, pool_owner, slot_bytes, n_slots, device="cpu", copy_workers=None,
         policy="activation-aware", budget_bytes=None, eamc_path=None, store=None, host_slots=0,
-        pool_stream=None, **planner))]
+        pool_stream=None, cpu_experts="auto", **planner))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -60,8 +62,10 @@ impl PyExpertCache {
         store: Option<Py<PyExpertStore>>,
         host_slots: usize,
         pool_stream: Option<u64>,
+        cpu_experts: &str,
         planner: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
+        let cpu_experts = CpuExperts::parse(cpu_experts).map_err(to_py)?;
         let budget_bytes = budget_bytes.unwrap_or((slot_bytes * n_slots) as u64);
         let device = match parse_device(device)? {
             Some(ordinal) => Device::Cuda {
@@ -84,6 +88,7 @@ impl PyExpertCache {
             budget_bytes,
             planner: planner::planner_config(planner)?,
             eamc_path,
+            cpu_experts,
         };
         let store = store.map(|s| Arc::clone(&s.get().store));
         let cache = py
@@ -188,6 +193,61 @@ impl PyExpertCache {
     fn fetch(&self, py: Python<'_>, layer: u32, experts: Vec<u32>) -> PyResult<Vec<u32>> {
         py.detach(|| self.cache.fetch(layer, &experts))
             .map_err(to_py)
+    }
+
+    /// Where misses run: "never", "auto" or "always".
+    #[getter]
+    fn cpu_experts(&self) -> &'static str {
+        self.cache.cpu_experts().name()
+    }
+
+    /// Places one layer's experts (`tokens[i]` tokens routed to
+    /// `experts[i]`): per expert, its pinned slot (wait, run, release as
+    /// after `fetch`), ON_CPU (run it from `host_acquire`'s bytes) or LATER
+    /// (fetch it once this call's slots are released).
+    fn place(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        experts: Vec<u32>,
+        tokens: Vec<u32>,
+    ) -> PyResult<Vec<i64>> {
+        let placements = py
+            .detach(|| self.cache.place(layer, &experts, &tokens))
+            .map_err(to_py)?;
+        Ok(placements
+            .into_iter()
+            .map(|p| match p {
+                Placement::Slot(slot) => i64::from(slot),
+                Placement::Cpu => ON_CPU,
+                Placement::Later => LATER,
+            })
+            .collect())
+    }
+
+    /// The host address of the expert's bytes, held for the CPU until
+    /// `host_release` (or `release_all`).
+    fn host_acquire(&self, py: Python<'_>, layer: u32, expert: u32) -> PyResult<u64> {
+        py.detach(|| self.cache.host_acquire(layer, expert))
+            .map_err(to_py)
+    }
+
+    fn host_release(&self, py: Python<'_>, layer: u32, expert: u32) -> PyResult<()> {
+        py.detach(|| self.cache.host_release(layer, expert))
+            .map_err(to_py)
+    }
+
+    /// (address, bytes) of the host memory `host_acquire`'s addresses lie in.
+    #[getter]
+    fn host_region(&self) -> (u64, usize) {
+        self.cache.host_region()
+    }
+
+    /// The CPU ran an expert for `tokens` tokens in `seconds`; with `count`
+    /// it is added to `cpu_seconds` (a calibration run is not).
+    #[pyo3(signature = (tokens, seconds, count=true))]
+    fn record_cpu(&self, tokens: u32, seconds: f64, count: bool) {
+        self.cache.record_cpu(tokens, seconds, count);
     }
 
     /// Returns once the expert's slot may be read on CUDA stream `stream`
@@ -296,6 +356,9 @@ impl PyExpertCache {
         d.set_item("prefetch_late", s.prefetch_late)?;
         d.set_item("prefetch_wasted", s.prefetch_wasted)?;
         d.set_item("prefetch_copies", s.prefetch_copies)?;
+        d.set_item("cpu_experts", s.cpu_experts)?;
+        d.set_item("cpu_seconds", s.cpu_seconds)?;
+        d.set_item("background_copies", s.background_copies)?;
         d.set_item("free_slots", self.cache.free_slots())?;
         let rates: Vec<f64> = s
             .layer_hits
@@ -320,6 +383,11 @@ impl PyExpertCache {
         self.cache.reset_stats(host);
     }
 }
+
+/// `place`'s answer for an expert that runs on the CPU.
+const ON_CPU: i64 = -1;
+/// `place`'s answer for an expert fetched after the layer's slots are released.
+const LATER: i64 = -2;
 
 /// `copy_workers` as a count; any Python int (or not an int at all) gets
 /// the core's range check or a message naming the argument, never a bare
@@ -394,6 +462,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_driver_status, m)?)?;
     m.add_function(wrap_pyfunction!(max_eamc_capacity, m)?)?;
     m.add("MAX_EAMC_CAPACITY", crate::trace::eamc::MAX_CAPACITY)?;
+    m.add("ON_CPU", ON_CPU)?;
+    m.add("LATER", LATER)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // Benchmarks refuse to time an unoptimised build.

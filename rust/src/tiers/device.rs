@@ -70,10 +70,11 @@ impl SlotPool {
     /// `base` is the address of `n_slots * slot_bytes` bytes that outlive the
     /// pool; `num_experts` bounds the expert ids it will see.
     pub fn new(base: u64, slot_bytes: usize, n_slots: usize, num_experts: usize) -> Result<Self> {
-        if n_slots == 0 || slot_bytes == 0 {
-            return Err(CoreError::InvalidConfig(format!(
-                "a slot pool needs at least one slot of positive size (got {n_slots} of {slot_bytes} bytes)"
-            )));
+        // No slots at all is a pool too: every expert then runs on the CPU.
+        if slot_bytes == 0 {
+            return Err(CoreError::InvalidConfig(
+                "a slot pool's slots need a positive size (got 0 bytes)".into(),
+            ));
         }
         let slots = (0..n_slots)
             .map(|_| Slot {

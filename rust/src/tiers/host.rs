@@ -61,6 +61,13 @@ impl HostMemory {
             Self::Pinned(buffer) => buffer.as_mut_ptr(),
         }
     }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::Plain { len, .. } => *len,
+            Self::Pinned(buffer) => buffer.len(),
+        }
+    }
 }
 
 impl Drop for HostMemory {
@@ -115,6 +122,11 @@ impl HostTier {
 
     pub fn is_pinned(&self) -> bool {
         matches!(self.memory, HostMemory::Pinned(_))
+    }
+
+    /// The allocation every blob lies in: its first byte and length.
+    pub fn region(&self) -> (*mut u8, usize) {
+        (self.memory.base(), self.memory.len())
     }
 
     /// Start of an expert's blob.

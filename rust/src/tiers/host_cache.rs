@@ -156,6 +156,11 @@ impl HostCache {
         matches!(self.memory, HostMemory::Pinned(_))
     }
 
+    /// The allocation every slot lies in: its first byte and length.
+    pub fn region(&self) -> (*mut u8, usize) {
+        (self.memory.base(), self.memory.len())
+    }
+
     /// First byte of a slot.
     pub fn ptr(&self, slot: HostSlotId) -> *mut u8 {
         // SAFETY: slot < n_slots (ids come from this cache), so the offset

@@ -93,6 +93,28 @@ impl StoredExperts {
         use_bytes(self.cache.ptr(held.slot))
     }
 
+    /// Pins the expert's blob in the host cache, reading it from the store
+    /// first when absent, and returns its host slot: the bytes stay there,
+    /// unwritten, until [`unpin`](Self::unpin) (for a reader, such as the
+    /// CPU running the expert, that cannot work inside a closure).
+    pub fn pin(&self, id: ExpertId) -> Result<HostSlotId> {
+        match self.cache.acquire(id)? {
+            Acquired::Ready(slot) => Ok(slot),
+            Acquired::Load(slot) => {
+                if let Err(e) = self.load(id, slot) {
+                    self.cache.release(slot);
+                    return Err(e);
+                }
+                Ok(slot)
+            }
+        }
+    }
+
+    /// Gives back a slot from [`pin`](Self::pin).
+    pub fn unpin(&self, slot: HostSlotId) {
+        self.cache.release(slot);
+    }
+
     /// Reads the expert into the host cache ahead of need, unless it is
     /// there already or every host slot is in use.
     pub fn stage(&self, id: ExpertId) -> Result<()> {
