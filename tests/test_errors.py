@@ -36,19 +36,38 @@ def test_a_budget_below_one_tokens_experts_states_the_minimum():
     model = build("mixtral")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(BudgetError, match=r"at least \d+ bytes") as info:
-        moe_offload.patch(model, device_budget="10KiB")
+        moe_offload.patch(model, device_budget="10KiB", cpu_experts="never")
     message = str(info.value)
+    assert "cpu_experts='auto'" in message
     minimum = int(message.split("at least ")[1].split(" bytes")[0])
     # The stated minimum works, one byte less does not.
     with pytest.raises(BudgetError):
-        moe_offload.patch(model, device_budget=minimum - 1)
+        moe_offload.patch(model, device_budget=minimum - 1, cpu_experts="never")
     assert not moe_offload.is_patched(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    offloader = moe_offload.patch(model, device_budget=minimum)
+    offloader = moe_offload.patch(model, device_budget=minimum, cpu_experts="never")
     assert offloader.n_slots == 2
     with torch.no_grad():
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
     moe_offload.unpatch(model)
+
+
+def test_misses_that_do_not_fit_run_on_the_cpu_with_any_budget():
+    model = build("mixtral")
+    with torch.no_grad():
+        plain = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    for budget in ("10KiB", 0):
+        offloader = moe_offload.patch(model, device_budget=budget)
+        with torch.no_grad():
+            tokens = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+        assert offloader.n_slots == 0 and offloader.stats()["cpu_experts"] > 0
+        moe_offload.unpatch(model)
+        assert torch.equal(tokens, plain)
+
+
+def test_an_unknown_cpu_experts_mode_names_the_choices():
+    with pytest.raises(MoeOffloadError, match="cpu_experts='sometimes'.*'auto'.*'never'.*'always'"):
+        moe_offload.patch(build("olmoe"), cpu_experts="sometimes")
 
 
 @pytest.mark.parametrize("budget", ["lots", "-3GiB", "8 parsecs", 1.5, True])

@@ -142,12 +142,28 @@ def test_a_host_budget_that_holds_every_expert_reads_them_all_up_front(saved):
     assert stats["bytes_from_store"] == offloader.cache.host_stats()["bytes_from_store"] >= experts
 
 
-def test_on_the_cpu_the_device_budget_defaults_to_a_quarter_of_the_host_budget(saved):
+def test_copying_on_the_cpu_the_device_budget_defaults_to_a_quarter_of_the_host_budget(saved):
     _, model, _, store = saved
     host_budget = expert_bytes(model) // 2
-    _, offloader = moe_offload.from_pretrained(store, device="cpu", host_budget=host_budget)
+    _, offloader = moe_offload.from_pretrained(
+        store, device="cpu", host_budget=host_budget, cpu_experts="never"
+    )
     top_k = max(b.top_k for b in offloader.blocks)
     assert offloader.stats()["budget_bytes"] == max(host_budget // 4, top_k * offloader.slot_bytes)
+
+
+def test_on_the_cpu_experts_run_from_the_host_cache_and_nothing_is_copied(saved):
+    family, model, _, store = saved
+    host_budget = expert_bytes(model) // 2  # below the experts: some are read from disk
+    loaded, offloader = moe_offload.from_pretrained(store, device="cpu", host_budget=host_budget)
+    tokens, logits = generate(loaded, prompt(family))
+    plain_tokens, plain_logits = generate(model, prompt(family))
+    stats = offloader.stats()
+    assert (offloader.n_slots, stats["budget_bytes"], stats["bytes_to_device"]) == (0, 0, 0)
+    assert stats["cpu_experts"] == stats["misses"] > 0
+    assert stats["host_misses"] > 0, "the host cache could not hold every expert"
+    assert torch.equal(tokens, plain_tokens)
+    assert (logits - plain_logits).abs().max().item() <= 1e-5
 
 
 def test_a_device_budget_that_holds_every_expert_loads_them_all_before_generating(saved):

@@ -6,6 +6,14 @@ time; a needed expert that has not arrived stalls the clock. Requests run one
 after another; each finished request joins the EAMC, so later requests are
 matched against earlier ones, never against themselves. `warmup` requests,
 disjoint from the measured ones, fill the EAMC before the replay starts.
+
+With `cpu_expert_us` the CPU is a second executor: the core places each
+layer's misses as the live cache does (`cpu_experts`: "auto" where the layer
+ends soonest, "always" on the CPU, "never" copied), a CPU-run expert takes
+`cpu_expert_us` (its weights read from host memory for one token; the replay
+steps one token at a time), one after another while the device path copies
+and computes, and is copied to the device in the background when the policy
+keeps it.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from moe_offload._core import MoeOffloadError, replay
 from moe_offload.traces import Request, Trace
 
 POLICIES = ("lru", "lfu", "reference", "activation-aware", "oracle")
+CPU_EXPERTS = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,9 @@ class LabParams:
     layer_compute_us: float = 300.0
     expert_bytes: int | None = None
     warmup: int = 0
+    # One expert's CPU time for one token; None: no CPU, every miss is copied.
+    cpu_expert_us: float | None = None
+    cpu_experts: str = "auto"
 
 
 def expert_bytes_for(trace: Trace, given: int | None) -> tuple[int, str]:
@@ -106,13 +118,16 @@ def run(
         expert_bytes=nbytes,
         bandwidth_bytes_per_s=params.bandwidth_gbps * 1e9,
         layer_compute_s=params.layer_compute_us * 1e-6,
+        cpu_expert_s=None if params.cpu_expert_us is None else params.cpu_expert_us * 1e-6,
+        cpu_experts=params.cpu_experts,
         **planner,
     )
     results = {}
     for p in policies:
         # A Python callback even without `progress`: running one lets Ctrl-C stop a long replay.
         on_request = partial(progress, p) if progress is not None else _no_progress
-        results[p] = summarize(replay(p, _raw(measured), _raw(warmup), progress=on_request, **common))
+        figures = replay(p, _raw(measured), _raw(warmup), progress=on_request, **common)
+        results[p] = summarize(figures, cpu=params.cpu_expert_us is not None)
     return {
         "policies": results,
         "trace": {
@@ -152,9 +167,12 @@ def next_token_reuse(requests: list[Request]) -> float:
     return reused / total if total else 0.0
 
 
-def summarize(r: dict[str, Any]) -> dict[str, float | None]:
+def summarize(r: dict[str, Any], cpu: bool = False) -> dict[str, float | None]:
     """The lab's figures from one replay's counters; None (JSON null, "–" in
     the table) where a figure does not apply.
+
+    CPU experts per token: misses run on the CPU per token; None for a
+    replay without the CPU (`cpu` false).
 
     Prefetch precision: prefetched experts that were used (in time or late)
     per prefetch copy. Prefetch recall: of the fetches that the cache did not
@@ -173,6 +191,7 @@ def summarize(r: dict[str, Any]) -> dict[str, float | None]:
         "bytes_per_token": _ratio(r["bytes_moved"], tokens),
         "ms_per_token": _ratio(r["total_s"] * 1e3, tokens),
         "slowdown_vs_resident": _ratio(r["total_s"], r["resident_s"]),
+        "cpu_experts_per_token": _ratio(r["cpu_experts"], tokens) if cpu else None,
     }
 
 
@@ -189,17 +208,21 @@ COLUMNS = (
     ("ms_per_token", "ms/token", "{:.2f}"),
     ("slowdown_vs_resident", "× resident", "{:.2f}"),
 )
+CPU_COLUMN = ("cpu_experts_per_token", "CPU experts/token", "{:.2f}")
 
 
 def table(report: dict[str, Any]) -> str:
-    """The report as a Markdown table, one row per policy."""
+    """The report as a Markdown table, one row per policy (with a column of
+    CPU experts per token when the replay had the CPU)."""
+    cpu = any(f["cpu_experts_per_token"] is not None for f in report["policies"].values())
+    columns = (*COLUMNS, CPU_COLUMN) if cpu else COLUMNS
     lines = [
-        "| policy | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+        "| policy | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
     for name, figures in report["policies"].items():
         cells = []
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             value = figures[key]
             if value is None:
                 cells.append("–")

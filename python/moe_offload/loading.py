@@ -75,6 +75,7 @@ def from_pretrained(
     eamc_path: str | Path | None = None,
     eamc_capacity: int = 1000,
     prefetch_depth: int | None = None,
+    cpu_experts: str = "auto",
     show_progress: bool | None = None,
 ) -> tuple[PreTrainedModel, Offloader]:
     """Loads the model at `path` (a Hugging Face safetensors checkpoint or an
@@ -82,7 +83,8 @@ def from_pretrained(
 
     - `device`: where the model runs (default: CUDA when available, else CPU).
     - `device_budget`: bytes of device slots, as for `patch`; on the CPU (where
-      the slots are host memory too) it defaults to a quarter of `host_budget`.
+      the slots are host memory too) none are needed unless `cpu_experts` is
+      "never", when it defaults to a quarter of `host_budget`.
     - `host_budget`: bytes of the host cache between disk and device (default:
       every expert, capped at half of the available memory). Experts are read
       from disk when the host cache lacks them; when it holds every expert
@@ -92,6 +94,8 @@ def from_pretrained(
       place, which works when it stores each expert's tensors in the model's
       dtype and layout (otherwise a `StoreError` asks for a `store_dir`).
     - `io_workers`: threads reading experts from disk (and copying them on).
+    - `cpu_experts`: where a miss runs, as for `patch`; on the CPU the experts
+      run from the host cache, read from disk when it lacks them.
 
     Returns the model and its `Offloader`. Raises `StoreError` for a missing,
     truncated or mismatched file (naming it), `BudgetError` when
@@ -104,6 +108,7 @@ def from_pretrained(
         eamc_capacity=eamc_capacity,
         prefetch_depth=prefetch_depth,
         io_workers=io_workers,
+        cpu_experts=cpu_experts,
         show_progress=show_progress,
     )
     target = _target_device(device)
@@ -142,6 +147,7 @@ def from_pretrained(
         eamc_capacity=eamc_capacity,
         prefetch_depth=prefetch_depth,
         copy_workers=max(1, min(io_workers, host_slots)),
+        cpu_experts=cpu_experts,
         show_progress=show_progress,
         backing=StoreBacking(store, host_slots, budget),
     )

@@ -34,7 +34,15 @@ from moe_offload._core import (
 )
 from moe_offload.adapters import SUPPORTED_FAMILIES, ExpertBlock, TensorSpec, find_expert_blocks
 from moe_offload.progress import progress
-from moe_offload.runtime import GatedMethods, LayerRuntime, PassGate, RequestTracker, SlotPool, TraceRecorder
+from moe_offload.runtime import (
+    GatedMethods,
+    HostMemory,
+    LayerRuntime,
+    PassGate,
+    RequestTracker,
+    SlotPool,
+    TraceRecorder,
+)
 from moe_offload.sizes import format_size, parse_size
 
 log = logging.getLogger("moe_offload")
@@ -42,6 +50,7 @@ log = logging.getLogger("moe_offload")
 _ATTR = "_moe_offload_offloader"
 SLOT_ALIGN = 4096
 POLICIES = ("activation-aware", "lru", "lfu", "reference")
+CPU_EXPERTS = ("auto", "never", "always")
 # Copy workers (and from_pretrained's I/O workers) are threads; more than
 # this many only contend for the same memory bus and disk.
 MAX_WORKERS = 256
@@ -80,6 +89,7 @@ class Offloader:
         backing: StoreBacking | None = None,
     ) -> None:
         self.model = model
+        self.cpu_experts = cache.cpu_experts
         self.blocks = blocks
         self._cache: ExpertCache | None = cache
         self._pool: SlotPool | None = pool
@@ -121,6 +131,8 @@ class Offloader:
         stats: dict[str, Any] = dict(self.cache.stats())
         fetches = stats["hits"] + stats["misses"]
         stats["hit_rate"] = stats["hits"] / fetches if fetches else 0.0
+        # The per-miss split: every miss was either copied or run on the CPU.
+        stats["misses_copied"] = stats["misses"] - stats["cpu_experts"]
         stats["slots"] = self.n_slots
         stats["slot_bytes"] = self.slot_bytes
         stats["moe_layers"] = len(self.blocks)
@@ -182,7 +194,8 @@ class Offloader:
     def __repr__(self) -> str:
         return (
             f"Offloader({len(self.blocks)} MoE layers, {self.n_slots} slots of "
-            f"{format_size(self.slot_bytes)} on {self.device}, policy={self.policy!r})"
+            f"{format_size(self.slot_bytes)} on {self.device}, policy={self.policy!r}, "
+            f"cpu_experts={self.cpu_experts!r})"
         )
 
 
@@ -196,6 +209,7 @@ def patch(
     eamc_capacity: int = 1000,
     prefetch_depth: int | None = None,
     copy_workers: int = 1,
+    cpu_experts: str = "auto",
     show_progress: bool | None = None,
 ) -> Offloader:
     """Offload `model`'s routed experts: their weights move into the core's
@@ -232,6 +246,7 @@ def patch(
         eamc_capacity=eamc_capacity,
         prefetch_depth=prefetch_depth,
         copy_workers=copy_workers,
+        cpu_experts=cpu_experts,
         show_progress=show_progress,
     )
 
@@ -246,6 +261,7 @@ def _patch(
     eamc_capacity: int,
     prefetch_depth: int | None,
     copy_workers: int,
+    cpu_experts: str,
     show_progress: bool | None,
     backing: StoreBacking | None = None,
 ) -> Offloader:
@@ -260,6 +276,7 @@ def _patch(
         eamc_capacity=eamc_capacity,
         prefetch_depth=prefetch_depth,
         copy_workers=copy_workers,
+        cpu_experts=cpu_experts,
         show_progress=show_progress,
     )
     blocks = find_expert_blocks(model)
@@ -280,6 +297,7 @@ def _patch(
         target,
         _bytes_to_move(model, blocks, target),
         None if backing is None else backing.host_budget,
+        cpu_experts,
     )
     n_slots = min(budget // slot_bytes, sum(b.num_experts for b in blocks))
     pool = SlotPool(target, slot_bytes, n_slots)
@@ -298,8 +316,10 @@ def _patch(
         prefetch_depth=prefetch_depth,
         store=None if backing is None else backing.store,
         host_slots=0 if backing is None else backing.host_slots,
+        cpu_experts=cpu_experts,
     )
     tracker = RequestTracker(cache)
+    host = HostMemory(cache)
     # Block by block, the experts go into the host tier (unless an expert
     # store holds them) and the model's own copies are freed, so memory holds
     # each expert once (plus one block). From the first block on, a failure
@@ -311,7 +331,7 @@ def _patch(
             for layer, block in enumerate(blocks):
                 if backing is None:
                     _fill_host_tier(cache, layer, block)
-                block.offload(LayerRuntime(cache, layer, pool, block.specs, tracker))
+                block.offload(LayerRuntime(cache, layer, pool, host, block.specs, tracker))
                 offloaded.append(block)
                 bar.update(block.num_experts * block.expert_bytes if backing is None else 0)
         _move_non_experts(model, target)
@@ -516,6 +536,7 @@ def check_arguments(
     prefetch_depth: int | None = None,
     copy_workers: int = 1,
     io_workers: int = 1,
+    cpu_experts: str = CPU_EXPERTS[0],
     show_progress: bool | None = None,
 ) -> None:
     """Checks the arguments `patch` and `from_pretrained` share, before
@@ -525,6 +546,11 @@ def check_arguments(
             parse_size(size, name)
     if not isinstance(policy, str) or policy not in POLICIES:
         raise MoeOffloadError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if not isinstance(cpu_experts, str) or cpu_experts not in CPU_EXPERTS:
+        raise MoeOffloadError(
+            f"cpu_experts={cpu_experts!r}: choose 'auto' (decide per miss from measured costs), 'never' "
+            "(copy every miss to the device) or 'always' (run every miss on the CPU)"
+        )
     if eamc_path is not None and not isinstance(eamc_path, (str, os.PathLike)):
         raise MoeOffloadError(f"eamc_path={eamc_path!r} is not a path; pass a str or a pathlib.Path")
     _check_count(
@@ -586,16 +612,22 @@ def _budget(
     device: torch.device,
     still_to_move: int,
     host_budget: int | None,
+    cpu_experts: str,
 ) -> int:
     """The device budget in bytes, checked against one token's needs. The
     default on CUDA leaves room for the other weights still to be moved
     there, and a tenth of what remains for activations and caches. On the
-    CPU the device slots are host memory too: every expert when the model's
-    experts are in host memory anyway, a quarter of `host_budget` when they
-    come from a store (so memory stays near the host budget)."""
+    CPU the device slots are host memory too: none when the CPU runs the
+    experts from where they lie (`cpu_experts` other than "never"); else
+    every expert when the model's experts are in host memory anyway, a
+    quarter of `host_budget` when they come from a store (so memory stays
+    near the host budget). Only with "never" must the budget hold one
+    token's experts: otherwise what does not fit runs on the CPU."""
     top_k = max(b.top_k for b in blocks)
-    minimum = top_k * slot_bytes
+    minimum = top_k * slot_bytes if cpu_experts == "never" else 0
     everything = sum(b.num_experts for b in blocks) * slot_bytes
+    if device_budget is None and device.type == "cpu" and cpu_experts != "never":
+        return 0
     if device_budget is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -609,7 +641,7 @@ def _budget(
             f"device_budget={format_size(budget)} ({budget} bytes) is below the minimum of "
             f"{format_size(minimum)} ({minimum} bytes): one token needs its top-{top_k} experts of one MoE "
             f"layer on the device at once, {format_size(slot_bytes)} each. Raise device_budget to at least "
-            f"{minimum} bytes."
+            f"{minimum} bytes, or let the CPU run the misses that do not fit (cpu_experts='auto')."
         )
     return budget
 

@@ -1,22 +1,59 @@
 """The per-layer bridge between a model's forward pass and the core's cache:
-fetch the experts a layer needs, wait for exactly the one about to run, and
-release them when the layer is done; and the gate every forward pass of a
-patched model goes through."""
+place the experts a layer needs (a device slot, or the CPU reading the
+expert where it lies in host memory), wait for exactly the one about to run,
+and release them when the layer is done; and the gate every forward pass of
+a patched model goes through."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import time
 from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from moe_offload._core import ExpertCache
+from moe_offload._core import LATER, ON_CPU, ExpertCache
 from moe_offload.adapters.base import TensorSpec
 
 SlotViews = dict[str, nn.Parameter]
+# Runs one expert (its index, its weights) on the tokens routed to it.
+RunExpert = Callable[[int, SlotViews], None]
+
+
+def tensor_views(memory: torch.Tensor, base: int, specs: tuple[TensorSpec, ...]) -> SlotViews:
+    """The blob at byte `base` of `memory` (uint8) seen as the tensors `specs`
+    describe: views, no copy."""
+    views = {}
+    for spec in specs:
+        raw = memory[base + spec.offset : base + spec.offset + spec.nbytes]
+        views[spec.name] = nn.Parameter(raw.view(spec.dtype).view(spec.shape), requires_grad=False)
+    return views
+
+
+class HostMemory:
+    """The host memory the CPU runs experts from (the host tier, or the host
+    cache), seen as one uint8 tensor without a copy; the cache owns it and
+    outlives every layer that uses it."""
+
+    def __init__(self, cache: ExpertCache) -> None:
+        address, nbytes = cache.host_region
+        self._owner = cache  # the memory lives as long as the cache
+        self.address = address
+        self.memory = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
+        self._views: dict[tuple[int, tuple[TensorSpec, ...]], SlotViews] = {}
+
+    def views(self, address: int, specs: tuple[TensorSpec, ...]) -> SlotViews:
+        """The expert blob at host `address` as tensors; built once per blob
+        (an expert of the host tier, or a host cache slot)."""
+        key = (address, specs)
+        if key not in self._views:
+            self._views[key] = tensor_views(self.memory, address - self.address, specs)
+        return self._views[key]
 
 
 class SlotPool:
@@ -38,12 +75,7 @@ class SlotPool:
         return self._views[specs]
 
     def _slot_views(self, slot: int, specs: tuple[TensorSpec, ...]) -> SlotViews:
-        base = slot * self.slot_bytes
-        views = {}
-        for spec in specs:
-            raw = self.memory[base + spec.offset : base + spec.offset + spec.nbytes]
-            views[spec.name] = nn.Parameter(raw.view(spec.dtype).view(spec.shape), requires_grad=False)
-        return views
+        return tensor_views(self.memory, slot * self.slot_bytes, specs)
 
 
 class RequestTracker:
@@ -108,13 +140,15 @@ class TraceRecorder:
 
 
 class LayerRuntime:
-    """One MoE layer's access to its experts in the cache."""
+    """One MoE layer's access to its experts: device slots through the cache,
+    or host memory for the CPU."""
 
     def __init__(
         self,
         cache: ExpertCache,
         layer: int,
         pool: SlotPool,
+        host: HostMemory,
         specs: tuple[TensorSpec, ...],
         tracker: RequestTracker,
     ) -> None:
@@ -124,6 +158,8 @@ class LayerRuntime:
         self.device = pool.device
         self.capacity = pool.n_slots
         self.slot_views = pool.views(specs)
+        self.host = host
+        self.specs = specs
 
     def observe(self, routing: np.ndarray) -> None:
         """This step's routing at this layer: (tokens, top_k) expert ids."""
@@ -134,11 +170,53 @@ class LayerRuntime:
             return torch.cuda.current_stream(self.device).cuda_stream
         return 0
 
+    def run(self, experts: list[int], tokens: list[int], on_device: RunExpert, on_cpu: RunExpert) -> None:
+        """Runs each of `experts` (`tokens[i]` tokens routed to `experts[i]`)
+        where the core places it: `on_device` with its slot's weights, or
+        `on_cpu` with its weights in host memory. Device work is launched
+        first, so on a GPU the hits compute while the CPU runs the misses;
+        every slot and host hold is given back on every path."""
+        placements = self.cache.place(self.layer, experts, tokens)
+        pinned = [e for e, p in zip(experts, placements, strict=True) if p >= 0]
+        stream = self._stream()
+        # A Ctrl-C landing before the `try` leaves these pinned: the pass
+        # gate releases them (see PassGate).
+        try:
+            for expert, placement in zip(experts, placements, strict=True):
+                if placement >= 0:
+                    self.cache.wait(self.layer, expert, stream)
+                    on_device(expert, self.slot_views[placement])
+            for expert, placement, count in zip(experts, placements, tokens, strict=True):
+                if placement == ON_CPU:
+                    self._run_on_cpu(expert, count, on_cpu)
+        finally:
+            self.cache.release(self.layer, pinned, stream)
+        later = [e for e, p in zip(experts, placements, strict=True) if p == LATER]
+        with closing(self.experts(later)) as ready:
+            for expert, weights in ready:
+                on_device(expert, weights)
+
+    def _run_on_cpu(self, expert: int, tokens: int, run: RunExpert) -> None:
+        with self.on_cpu(expert) as weights:
+            started = time.perf_counter()
+            run(expert, weights)
+            self.cache.record_cpu(tokens, time.perf_counter() - started)
+
+    @contextmanager
+    def on_cpu(self, expert: int) -> Iterator[SlotViews]:
+        """The expert's weights where they lie in host memory, held (not
+        evicted from the host cache, not rewritten) for the block."""
+        address = self.cache.host_acquire(self.layer, expert)
+        try:
+            yield self.host.views(address, self.specs)
+        finally:
+            self.cache.host_release(self.layer, expert)
+
     def experts(self, experts: list[int]) -> Iterator[tuple[int, SlotViews]]:
         """Yields (expert, its weights) in the given order, each as soon as its
         copy has landed. Works through the list in chunks the pool can pin."""
         stream = self._stream()
-        for start in range(0, len(experts), self.capacity):
+        for start in range(0, len(experts), max(self.capacity, 1)):
             chunk = experts[start : start + self.capacity]
             slots = self.cache.fetch(self.layer, chunk)
             # A Ctrl-C landing before the `try` leaves these pinned: the pass
@@ -150,19 +228,28 @@ class LayerRuntime:
             finally:
                 self.cache.release(self.layer, chunk, stream)
 
-    def acquire(self, expert: int) -> SlotViews:
-        """Pins one expert and returns its weights once they have landed; pair
-        every call with `release`."""
-        [slot] = self.cache.fetch(self.layer, [expert])
+    def acquire(self, expert: int, tokens: int) -> tuple[SlotViews, bool]:
+        """Places one expert for `tokens` tokens and returns its weights once
+        they can be read, and whether they are in host memory (run it on the
+        CPU); pair every call with `release(expert, on_cpu)`."""
+        [placement] = self.cache.place(self.layer, [expert], [tokens])
+        if placement == ON_CPU:
+            address = self.cache.host_acquire(self.layer, expert)
+            return self.host.views(address, self.specs), True
+        if placement == LATER:
+            [placement] = self.cache.fetch(self.layer, [expert])
         try:
             self.cache.wait(self.layer, expert, self._stream())
         except BaseException:
             self.cache.release(self.layer, [expert], self._stream())
             raise
-        return self.slot_views[slot]
+        return self.slot_views[placement], False
 
-    def release(self, expert: int) -> None:
-        self.cache.release(self.layer, [expert], self._stream())
+    def release(self, expert: int, on_cpu: bool) -> None:
+        if on_cpu:
+            self.cache.host_release(self.layer, expert)
+        else:
+            self.cache.release(self.layer, [expert], self._stream())
 
 
 BeforePass = Callable[[nn.Module, tuple, dict], None]

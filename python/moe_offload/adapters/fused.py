@@ -10,7 +10,6 @@ expert in ascending order, with each expert's weights read from its slot."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import closing
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -108,10 +107,24 @@ def _project(
     return out + bias if bias is not None else out
 
 
+def _expert_output(module: nn.Module, state: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One expert's FFN on the rows routed to it, as the eager implementation
+    computes it, on whichever device `state` and `w` are."""
+    transposed = module.is_transposed
+    if module.has_gate:
+        gate_up = _project(state, w["gate_up_proj"], w.get("gate_up_proj_bias"), transposed)
+        current = module._apply_gate(gate_up)
+    else:
+        current = module.act_fn(_project(state, w["up_proj"], w.get("up_proj_bias"), transposed))
+    return _project(current, w["down_proj"], w.get("down_proj_bias"), transposed)
+
+
 def offloaded_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """transformers' eager experts arithmetic, with weights from the cache."""
+    """transformers' eager experts arithmetic, with weights from the cache:
+    each expert from its device slot or, where the core places it on the
+    CPU, from host memory."""
     runtime: LayerRuntime | None = getattr(self, "_moe_offload", None)
     if runtime is None:
         raise UnsupportedModelError(
@@ -120,6 +133,7 @@ def offloaded_experts_forward(
         )
     num_experts = self.down_proj.shape[0]
     final_hidden_states = torch.zeros_like(hidden_states)
+    on_host = hidden_states.device.type == "cpu"
     with torch.no_grad():
         # One device-to-host copy per layer: this step's routing. It feeds the
         # request tracing and planner, and names the experts to fetch (in the
@@ -127,36 +141,44 @@ def offloaded_experts_forward(
         routing = top_k_index.to("cpu", torch.int64).numpy()
         # The (k, token) positions that chose each expert, k-major as the
         # eager implementation's `torch.where` yields them: sorted once per
-        # layer (on the device, or from the host routing when the device is
-        # the CPU) and sliced per expert by counts known on the host, so no
-        # expert waits for a device-to-host sync.
+        # layer (on the device, and on the host for the CPU's experts) and
+        # sliced per expert by counts known on the host, so no expert waits
+        # for a device-to-host sync.
         tokens = routing.shape[0]
         flat = routing.T.reshape(-1)
         counts = np.bincount(flat, minlength=num_experts + 1)
         starts = np.concatenate(([0], np.cumsum(counts))).tolist()
-        if hidden_states.device.type == "cpu":
-            order = torch.from_numpy(np.argsort(flat, kind="stable"))
-        else:
-            order = torch.argsort(top_k_index.T.reshape(-1), stable=True)
+        host_order = torch.from_numpy(np.argsort(flat, kind="stable"))
+        order = host_order if on_host else torch.argsort(top_k_index.T.reshape(-1), stable=True)
         all_top_k_pos, all_token_idx = order // tokens, order % tokens
     runtime.observe(routing)
-    hit = np.flatnonzero(counts[:num_experts]).tolist()
-    transposed = self.is_transposed
-    with closing(runtime.experts(hit)) as ready:
-        for expert, w in ready:
-            top_k_pos = all_top_k_pos[starts[expert] : starts[expert + 1]]
-            token_idx = all_token_idx[starts[expert] : starts[expert + 1]]
-            current_state = hidden_states[token_idx]
-            if self.has_gate:
-                gate_up = _project(current_state, w["gate_up_proj"], w.get("gate_up_proj_bias"), transposed)
-                current = self._apply_gate(gate_up)
-            else:
-                current = self.act_fn(
-                    _project(current_state, w["up_proj"], w.get("up_proj_bias"), transposed)
-                )
-            current = _project(current, w["down_proj"], w.get("down_proj_bias"), transposed)
-            current = current * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
+    used = np.flatnonzero(counts[:num_experts]).tolist()
+    # Each expert's output, added up at the end in ascending expert order,
+    # as the eager implementation adds them, wherever each one ran.
+    outputs: dict[int, torch.Tensor] = {}
+    host_states: list[torch.Tensor] = []
+
+    def on_device(expert: int, w: dict[str, nn.Parameter]) -> None:
+        token_idx = all_token_idx[starts[expert] : starts[expert + 1]]
+        outputs[expert] = _expert_output(self, hidden_states[token_idx], w)
+
+    def on_cpu(expert: int, w: dict[str, nn.Parameter]) -> None:
+        if on_host:
+            on_device(expert, w)
+            return
+        if not host_states:
+            # The routing copy above already waited for this layer's input.
+            host_states.append(hidden_states.to("cpu"))
+        token_idx = host_order[starts[expert] : starts[expert + 1]] % tokens
+        outputs[expert] = _expert_output(self, host_states[0][token_idx], w)
+
+    runtime.run(used, counts[used].tolist(), on_device, on_cpu)
+    for expert in used:
+        top_k_pos = all_top_k_pos[starts[expert] : starts[expert + 1]]
+        token_idx = all_token_idx[starts[expert] : starts[expert + 1]]
+        current = outputs.pop(expert).to(hidden_states.device)
+        current = current * top_k_weights[token_idx, top_k_pos, None]
+        final_hidden_states.index_add_(0, token_idx, current.to(final_hidden_states.dtype))
     return final_hidden_states
 
 

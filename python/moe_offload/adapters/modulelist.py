@@ -3,12 +3,15 @@ ModuleList): Switch Transformers, NLLB-MoE.
 
 Each expert module keeps running its own forward, so the family's exact
 arithmetic (and routing quirks) are untouched: a forward pre-hook swaps the
-expert's parameters for views of the slot it was fetched into, and a forward
-hook (also called when the forward raises) swaps them back and releases the
-slot."""
+expert's parameters for views of the slot it was fetched into (or, for an
+expert the core runs on the CPU, of its bytes in host memory, with the input
+moved to the CPU), and a forward hook (also called when the forward raises)
+swaps them back, releases the slot or host bytes, and moves a CPU result to
+the model's device."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -86,9 +89,12 @@ class ExpertContainer(ExpertBlock):
                 free_storage(param)
             self._originals.append(originals)
             self._placeholders.append(placeholders)
-            self._hooks.append(expert.register_forward_pre_hook(_fetch_hook(runtime, index)))
+            placed = _Placed()
+            self._hooks.append(expert.register_forward_pre_hook(_fetch_hook(runtime, index, placed)))
             self._hooks.append(
-                expert.register_forward_hook(_release_hook(runtime, index, placeholders), always_call=True)
+                expert.register_forward_hook(
+                    _release_hook(runtime, index, placeholders, placed), always_call=True
+                )
             )
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -110,16 +116,47 @@ def _install(expert: nn.Module, params: dict[str, nn.Parameter]) -> None:
         owner._parameters[leaf] = param
 
 
-def _fetch_hook(runtime: LayerRuntime, index: int) -> Any:
-    def hook(expert: nn.Module, args: Any) -> None:
-        _install(expert, runtime.acquire(index))
+class _Placed:
+    """Where the expert's current call runs (set by the pre-hook)."""
+
+    def __init__(self) -> None:
+        # Whether a slot or host bytes are held for the call: torch runs the
+        # release hook even when the pre-hook raised before holding any.
+        self.held = False
+        self.on_cpu = False
+        self.tokens = 0
+        self.started = 0.0
+
+
+def _fetch_hook(runtime: LayerRuntime, index: int, placed: _Placed) -> Any:
+    def hook(expert: nn.Module, args: Any) -> Any:
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        placed.tokens = 1 if first is None or first.dim() < 2 else first.shape[:-1].numel()
+        weights, placed.on_cpu = runtime.acquire(index, placed.tokens)
+        placed.held = True
+        _install(expert, weights)
+        placed.started = time.perf_counter()
+        if placed.on_cpu and runtime.device.type != "cpu":
+            return tuple(a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args)
+        return None
 
     return hook
 
 
-def _release_hook(runtime: LayerRuntime, index: int, placeholders: dict[str, nn.Parameter]) -> Any:
-    def hook(expert: nn.Module, args: Any, output: Any) -> None:
+def _release_hook(
+    runtime: LayerRuntime, index: int, placeholders: dict[str, nn.Parameter], placed: _Placed
+) -> Any:
+    def hook(expert: nn.Module, args: Any, output: Any) -> Any:
         _install(expert, placeholders)
-        runtime.release(index)
+        if not placed.held:
+            return None
+        placed.held = False
+        runtime.release(index, placed.on_cpu)
+        if not placed.on_cpu:
+            return None
+        runtime.cache.record_cpu(placed.tokens, time.perf_counter() - placed.started)
+        if runtime.device.type != "cpu" and isinstance(output, torch.Tensor):
+            return output.to(runtime.device)
+        return None
 
     return hook
