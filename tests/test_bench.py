@@ -79,6 +79,7 @@ def test_the_bench_command_writes_a_complete_report(tmp_path):
         "activation-aware 25%",
         "activation-aware 50%",
         "activation-aware 100%",
+        "activation-aware no slots, CPU auto",
         "accelerate",
     ]
     for name, figures in systems.items():
@@ -94,6 +95,10 @@ def test_the_bench_command_writes_a_complete_report(tmp_path):
     assert systems["activation-aware 100%"]["hit_rate"] == 1.0
     assert systems["activation-aware 100%"]["bytes_per_token"] == 0
     assert systems["activation-aware 25%"]["budget_fraction"] == 0.25
+    # On a CPU device the CPU runs every expert from the host tier: no copy.
+    cpu = systems["activation-aware no slots, CPU auto"]
+    assert (cpu["slots"], cpu["bytes_per_token"], cpu["cpu_experts"]) == (0, 0, "auto")
+    assert cpu["cpu_experts_per_token"] > 0 and systems["lru"]["cpu_experts_per_token"] == 0
     assert report["machine"]["cpu"] and report["model"]["moe_layers"] == 2
     table = (out / "results.md").read_text()
     assert all(f"| {name} |" in table for name in systems)

@@ -9,7 +9,11 @@ same replayed routing:
    implementation's behaviour),
 4. moe-offload `activation-aware` (the default), its EAMC warmed on
    requests disjoint from the measured ones, at several device budgets,
-5. accelerate's offload (`device_map` with the experts on the CPU; on a CPU
+   every miss copied (`cpu_experts="never"`),
+5. the same at the main budget with misses run on the CPU where the core
+   decides (`cpu_experts="auto"`, and any other mode asked for); on a CPU
+   device with no slots at all, every expert running from the host tier,
+6. accelerate's offload (`device_map` with the experts on the CPU; on a CPU
    device, on disk) — last, since it leaves the model dispatched.
 
 Each system serves the same warm-up requests first, unmeasured, then the
@@ -80,6 +84,7 @@ class Settings:
     experts: int | None = None
     budget_fraction: float = 0.25
     sweep: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    cpu_experts: list[str] = field(default_factory=lambda: ["auto"])
     requests: int = 4
     warmup_requests: int = 4
     prompt_tokens: int = 16
@@ -105,6 +110,7 @@ class Run:
     hits: int = 0
     misses: int = 0
     bytes_to_device: int = 0
+    cpu_experts: int = 0
 
     def summary(self, resident_median: float | None) -> dict[str, Any]:
         ordered = sorted(self.latencies)
@@ -118,6 +124,7 @@ class Run:
             "tokens_per_s": len(ordered) / sum(ordered),
             "bytes_per_token": self.bytes_to_device / len(ordered),
             "hit_rate": self.hits / fetches if fetches else None,
+            "cpu_experts_per_token": self.cpu_experts / len(ordered),
             "ratio_to_resident": median / resident_median if resident_median else None,
             "latencies_ms": [x * 1e3 for x in self.latencies],
         }
@@ -152,7 +159,8 @@ class Decoder:
 
     def serve(self, requests: list[Request], new_tokens: int, run: Run | None, stats: Any = None) -> None:
         """Serves `requests`; records into `run` when given. `stats` returns
-        (hits, misses, bytes to device) so decode steps can be told apart."""
+        (hits, misses, bytes to device, experts run on the CPU) so decode
+        steps can be told apart."""
         with torch.no_grad():
             for request in requests:
                 if self.replay is not None and request.routing is not None:
@@ -181,6 +189,7 @@ class Decoder:
                     run.hits += after[0] - before[0]
                     run.misses += after[1] - before[1]
                     run.bytes_to_device += after[2] - before[2]
+                    run.cpu_experts += after[3] - before[3]
 
 
 def _read_trace(settings: Settings, config: Any) -> Trace | None:
@@ -251,24 +260,34 @@ def _offloaded(
     run: Run,
     policy: str,
     fraction: float,
+    cpu_experts: str,
 ) -> dict[str, Any]:
-    budget = max(1, int(fraction * work.expert_bytes))
+    # On a CPU device the CPU runs experts from where they lie: no slots.
+    no_slots = device.type == "cpu" and cpu_experts != "never"
+    budget = None if no_slots else max(1, int(fraction * work.expert_bytes))
     # The warm-up requests fill the EAMC (and the caches) before measuring.
-    offloader = moe_offload.patch(model, device=device, device_budget=budget, policy=policy)
+    offloader = moe_offload.patch(
+        model, device=device, device_budget=budget, policy=policy, cpu_experts=cpu_experts
+    )
     try:
         decoder = Decoder(model, device, work.replay)
         decoder.serve(work.warmup, settings.new_tokens, None)
         offloader.reset_stats()
 
-        def counters() -> tuple[int, int, int]:
+        def counters() -> tuple[int, int, int, int]:
             s = offloader.stats()
-            return s["hits"], s["misses"], s["bytes_to_device"]
+            return s["hits"], s["misses"], s["bytes_to_device"], s["cpu_experts"]
 
         decoder.serve(work.measured, settings.new_tokens, run, counters)
         stats = offloader.stats()
     finally:
         moe_offload.unpatch(model)
-    return {"budget_bytes": budget, "slots": stats["slots"], "backend": stats["backend"]}
+    return {
+        "budget_bytes": stats["budget_bytes"],
+        "slots": stats["slots"],
+        "backend": stats["backend"],
+        "cpu_experts": cpu_experts,
+    }
 
 
 def _accelerate(model: nn.Module, device: torch.device, settings: Settings, work: Any) -> tuple[Run, str]:
@@ -356,22 +375,26 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     # affects them alike (every other round in reverse order, so a steady
     # drift evens out); each system's latencies are pooled over rounds.
     fractions = sorted({*settings.sweep, settings.budget_fraction})
-    plan: list[tuple[str, str | None, float]] = [("resident", None, 1.0)]
-    plan += [("lru", "lru", settings.budget_fraction), ("reference", "reference", settings.budget_fraction)]
-    plan += [(f"activation-aware {f:.0%}", "activation-aware", f) for f in fractions]
+    main = settings.budget_fraction
+    plan: list[tuple[str, str | None, float, str]] = [("resident", None, 1.0, "never")]
+    plan += [("lru", "lru", main, "never"), ("reference", "reference", main, "never")]
+    plan += [(f"activation-aware {f:.0%}", "activation-aware", f, "never") for f in fractions]
+    for mode in settings.cpu_experts:
+        where = "no slots" if device.type == "cpu" else f"{main:.0%}"
+        plan.append((f"activation-aware {where}, CPU {mode}", "activation-aware", main, mode))
     if not _fits(model, device):
         plan = plan[1:]
         notes.append("resident: skipped, the model does not fit on the device")
-    runs = {name: Run() for name, _, _ in plan}
+    runs = {name: Run() for name, _, _, _ in plan}
     details: dict[str, dict[str, Any]] = {}
     with third_party_output_held_back() as held:
         for round_ in range(settings.rounds):
-            for name, policy, fraction in plan if round_ % 2 == 0 else reversed(plan):
+            for name, policy, fraction, mode in plan if round_ % 2 == 0 else reversed(plan):
                 log(f"round {round_ + 1}/{settings.rounds}: {name} ...")
                 if policy is None:
                     _resident(model, device, settings, work, runs[name])
                 else:
-                    extra = _offloaded(model, device, settings, work, runs[name], policy, fraction)
+                    extra = _offloaded(model, device, settings, work, runs[name], policy, fraction, mode)
                     details[name] = dict(extra, policy=policy, budget_fraction=fraction)
         if not settings.skip_accelerate:
             # Last, and in one round: it leaves the model dispatched, and it is
@@ -483,6 +506,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="F",
         help=f"device budgets of activation-aware, shares of the expert bytes "
         f"(default: {' '.join(map(str, d.sweep))}, and --budget-fraction)",
+    )
+    parser.add_argument(
+        "--cpu-experts",
+        nargs="*",
+        choices=["auto", "always"],
+        default=d.cpu_experts,
+        metavar="MODE",
+        help="modes beside copying every miss (never) measured with activation-aware at --budget-fraction: "
+        "auto, always; on a CPU device with no slots at all "
+        f"(default: {' '.join(d.cpu_experts)}; none: copying only)",
     )
     parser.add_argument(
         "--requests",

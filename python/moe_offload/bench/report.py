@@ -18,6 +18,7 @@ COLUMNS = (
     ("tokens_per_s", "tokens/s", "{:.1f}"),
     ("bytes_per_token", "MB/token", "{:.2f}"),
     ("hit_rate", "hit rate", "{:.3f}"),
+    ("cpu_experts_per_token", "CPU experts/token", "{:.1f}"),
     ("ratio_to_resident", "x resident", "{:.2f}"),
 )
 
@@ -76,9 +77,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     points = sorted(
         (f["budget_fraction"], f["median_ms"])
         for f in report["systems"].values()
-        if f.get("policy") == "activation-aware"
+        if f.get("policy") == "activation-aware" and f.get("cpu_experts") == "never"
     )
-    budget.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label="activation-aware")
+    budget.plot(
+        [100 * x for x, _ in points], [y for _, y in points], marker="o", label="activation-aware, copying"
+    )
     if "resident" in report["systems"]:
         budget.axhline(
             report["systems"]["resident"]["median_ms"], color="gray", linestyle="--", label="resident"
