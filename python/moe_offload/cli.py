@@ -114,7 +114,7 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _replay_parser(commands: argparse._SubParsersAction) -> None:
-    from moe_offload.lab import POLICIES, LabParams
+    from moe_offload.lab import CPU_EXPERTS, POLICIES, LabParams
     from moe_offload.traces import FORMATS
 
     defaults = LabParams()
@@ -169,6 +169,22 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="bytes of one expert (default: the bf16 size of the model the trace's routing shape is "
         "known from: DeepSeek-V2-Lite, Mixtral-8x7B, Qwen3-30B-A3B)",
+    )
+    replay.add_argument(
+        "--cpu-expert-us",
+        type=float,
+        metavar="T",
+        help="model the CPU as a second executor: a miss may run there, taking T microseconds "
+        "(one expert for one token: its weights read from host memory; the replay steps one token "
+        "at a time), the CPU's experts one after another while the device copies and computes "
+        "(default: none, every miss is copied)",
+    )
+    replay.add_argument(
+        "--cpu-experts",
+        choices=CPU_EXPERTS,
+        help="with --cpu-expert-us, where misses run: auto (where the layer ends soonest, from the "
+        "copy backlog, T and the copy time), always (on the CPU), never (copied, through the same "
+        "placement) (default: auto)",
     )
     replay.add_argument(
         "--limit", type=int, metavar="N", help="read only the first N requests (default: all of them)"
@@ -273,6 +289,8 @@ def _replay(args: argparse.Namespace) -> int:
         layer_compute_us=args.layer_compute_us,
         expert_bytes=args.expert_bytes,
         warmup=args.warmup,
+        cpu_expert_us=args.cpu_expert_us,
+        cpu_experts=args.cpu_experts or "auto",
     )
     measured = max(len(trace.requests) - args.warmup, 0)
     with _replay_progress(args.policy, measured) as progress:
@@ -301,11 +319,14 @@ def _replay(args: argparse.Namespace) -> int:
         f"top-{t['top_k']}; next_token_reuse {t['next_token_reuse']:.3f} (share of a token's experts "
         "at a layer that the previous token used there)"
     )
+    cpu = ""
+    if p["cpu_expert_us"] is not None:
+        cpu = f"; CPU {p['cpu_expert_us']:g} us per expert ({p['cpu_experts']})"
     print(
         f"cache: {p['slots']} of {p['total_experts']} experts ({p['capacity']:.0%}); "
         f"expert {p['expert_bytes'] / 1e6:.1f} MB ({p['expert_bytes_from']}) "
         f"at {p['bandwidth_gbps']:g} GB/s, "
-        f"{p['layer_compute_us']:g} us per MoE layer\n"
+        f"{p['layer_compute_us']:g} us per MoE layer{cpu}\n"
     )
     print(lab.table(report))
     return 0
@@ -340,6 +361,12 @@ def _check_replay_numbers(args: argparse.Namespace) -> None:
             args.expert_bytes is None or 1 <= args.expert_bytes <= MAX_EXPERT_BYTES,
             f"a byte count in 1..{MAX_EXPERT_BYTES} (64 GiB)",
         ),
+        (
+            "--cpu-expert-us",
+            args.cpu_expert_us,
+            args.cpu_expert_us is None or 0 < args.cpu_expert_us <= 1e9,
+            "a number of microseconds in (0, 1e9]",
+        ),
         ("--limit", args.limit, args.limit is None or args.limit >= 1, "a number of requests, at least 1"),
         ("--warmup", args.warmup, args.warmup >= 0, "a number of requests, at least 0"),
         ("--eamc-capacity", args.eamc_capacity, args.eamc_capacity >= 1, "a number of entries, at least 1"),
@@ -347,6 +374,10 @@ def _check_replay_numbers(args: argparse.Namespace) -> None:
     for option, value, ok, what in checks:
         if not ok:
             raise MoeOffloadError(f"{option} {value} must be {what}")
+    if args.cpu_experts is not None and args.cpu_expert_us is None:
+        raise MoeOffloadError(
+            f"--cpu-experts {args.cpu_experts} needs --cpu-expert-us T, the CPU's time per expert"
+        )
 
 
 @contextmanager

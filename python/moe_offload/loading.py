@@ -42,8 +42,10 @@ from moe_offload.offloader import (
     StoreBacking,
     _patch,
     abandon_patch,
+    calibrate_cpu,
     check_arguments,
     load_every_expert_that_fits,
+    places_by_cost,
     resolve_device,
 )
 from moe_offload.progress import progress
@@ -156,6 +158,8 @@ def from_pretrained(
         with _preloading(offloader, blocks, show_progress, preload):
             _load_non_experts(model, tensors, target, blocks, source_name)
         load_every_expert_that_fits(offloader.cache, blocks, target)
+        if places_by_cost(offloader):
+            calibrate_cpu(offloader)
     except BaseException:
         abandon_patch(model)  # nothing is read back from a store that just failed
         raise

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import types
 import warnings
 import weakref
@@ -56,6 +57,9 @@ CPU_EXPERTS = ("auto", "never", "always")
 MAX_WORKERS = 256
 # Prefetches queued per plan: more than any model has experts.
 MAX_PREFETCH_DEPTH = 1 << 16
+# Tokens of the "many tokens" calibration run (see `calibrate_cpu`): where an
+# expert's CPU time is arithmetic rather than reading its weights.
+CALIBRATION_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,12 @@ class Offloader:
         policy: str,
         tracker: RequestTracker,
         eamc_path: Path | None,
+        host: HostMemory,
         backing: StoreBacking | None = None,
     ) -> None:
         self.model = model
         self.cpu_experts = cache.cpu_experts
+        self._host: HostMemory | None = host
         self.blocks = blocks
         self._cache: ExpertCache | None = cache
         self._pool: SlotPool | None = pool
@@ -116,6 +122,12 @@ class Offloader:
         return self._pool
 
     @property
+    def host(self) -> HostMemory:
+        if self._host is None:
+            raise PatchStateError(_UNPATCHED)
+        return self._host
+
+    @property
     def tracker(self) -> RequestTracker:
         if self._tracker is None:
             raise PatchStateError(_UNPATCHED)
@@ -124,7 +136,7 @@ class Offloader:
     def _close(self) -> None:
         """Lets go of the cache (its host tier and copy workers) and the slot
         pool: after `unpatch`, nothing but this object refers to them."""
-        self._cache = self._pool = self._tracker = None
+        self._cache = self._pool = self._tracker = self._host = None
 
     def stats(self) -> dict[str, Any]:
         """Cache statistics since patching or the last `reset_stats()`."""
@@ -357,8 +369,11 @@ def _patch(
         policy,
         tracker,
         None if eamc_path is None else Path(eamc_path),
+        host,
         backing,
     )
+    if backing is None and places_by_cost(offloader):
+        calibrate_cpu(offloader)
     offloader._hooks.append(_watch_requests(model, tracker, target))
     if offloader.eamc_path is not None:
         atexit.register(_save_at_exit, weakref.ref(offloader))
@@ -661,6 +676,37 @@ def load_every_expert_that_fits(cache: ExpertCache, blocks: list[ExpertBlock], d
     # Filling the slots is not the model's traffic; what the host cache read
     # up front (from a store) stays visible.
     cache.reset_stats(host=False)
+
+
+def calibrate_cpu(offloader: Offloader) -> None:
+    """Times the CPU running experts of the first MoE layer from host memory,
+    for a few tokens and for many, so that `cpu_experts="auto"` places misses
+    from measured costs from the first layer on (it keeps learning from the
+    experts the CPU runs). Each kind is run twice, the first time unmeasured
+    (a cold start); different experts, so the weights come from memory."""
+    cache, block = offloader.cache, offloader.blocks[0]
+    generator = torch.Generator().manual_seed(0)
+    dtype = block.specs[0].dtype
+    for run, tokens in enumerate((1, 1, CALIBRATION_TOKENS, CALIBRATION_TOKENS)):
+        expert = run % block.num_experts
+        states = torch.randn(tokens, block.input_features, generator=generator).to(dtype)
+        address = cache.host_acquire(0, expert)
+        try:
+            weights = offloader.host.views(address, block.specs)
+            with torch.no_grad():
+                started = time.perf_counter()
+                block.run_expert(expert, weights, states)
+                elapsed = time.perf_counter() - started
+        finally:
+            cache.host_release(0, expert)
+        if run % 2:
+            cache.record_cpu(tokens, elapsed, count=False)
+
+
+def places_by_cost(offloader: Offloader) -> bool:
+    """Whether misses are placed from measured costs: "auto" with device
+    slots on a GPU (on the CPU the CPU always runs them)."""
+    return offloader.cpu_experts == "auto" and offloader.n_slots > 0 and offloader.device.type == "cuda"
 
 
 def _fill_host_tier(cache: ExpertCache, layer: int, block: ExpertBlock) -> None:

@@ -101,6 +101,16 @@ class ExpertBlock(ABC):
     def offload(self, runtime: LayerRuntime) -> None:
         """Frees the module's expert weights and routes its compute through `runtime`."""
 
+    @property
+    @abstractmethod
+    def input_features(self) -> int:
+        """Width of the hidden states an expert takes."""
+
+    @abstractmethod
+    def run_expert(self, expert: int, weights: dict[str, nn.Parameter], states: torch.Tensor) -> torch.Tensor:
+        """The expert's output for `states` (tokens x features), computed
+        with `weights` (views of its blob) as the model computes it."""
+
     @abstractmethod
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """Puts ordinary parameters back; `tensors[spec.name]` stacks every expert's values."""

@@ -90,6 +90,15 @@ class FusedExperts(ExpertBlock):
         self._config_implementation = config._experts_implementation
         config._experts_implementation = IMPLEMENTATION
 
+    @property
+    def input_features(self) -> int:
+        # down_proj maps the intermediate width back to the hidden width.
+        [down] = [spec for spec in self.specs if spec.name == "down_proj"]
+        return down.shape[1] if self.module.is_transposed else down.shape[0]
+
+    def run_expert(self, expert: int, weights: dict[str, nn.Parameter], states: torch.Tensor) -> torch.Tensor:
+        return _expert_output(self.module, states, weights)
+
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in self.names:
             self.module._parameters[name] = refill(self._originals.pop(name), tensors[name])

@@ -97,6 +97,20 @@ class ExpertContainer(ExpertBlock):
                 )
             )
 
+    @property
+    def input_features(self) -> int:
+        first = next(m for m in self.experts[0].modules() if isinstance(m, nn.Linear))
+        return first.in_features
+
+    def run_expert(self, expert: int, weights: dict[str, nn.Parameter], states: torch.Tensor) -> torch.Tensor:
+        # Hooks bypassed: `weights` are the expert's already.
+        module = self.experts[expert]
+        _install(module, weights)
+        try:
+            return module.forward(states)
+        finally:
+            _install(module, self._placeholders[expert])
+
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         for hook in self._hooks:
             hook.remove()

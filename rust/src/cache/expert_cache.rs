@@ -498,7 +498,7 @@ impl ExpertCache {
     /// of microseconds on a GPU, against hundreds for the copy.
     fn execution_costs(&self, layer: u32) -> Result<Option<ExecutionCosts>> {
         let bytes = self.layout().bytes(self.layout().id(layer, 0)?);
-        let Some((cpu_fixed_s, cpu_per_token_s)) = lock(&self.shared.cpu_costs).estimate() else {
+        let Some((cpu_fixed_s, cpu_per_token_s)) = self.cpu_costs() else {
             return Ok(None);
         };
         let Some(copy_s) = lock(&self.shared.timing).copy_seconds(bytes) else {
@@ -512,6 +512,11 @@ impl ExpertCache {
             device_tail_s: 0.0,
             copy_backlog_s: None,
         }))
+    }
+
+    /// The CPU's measured costs per expert: `(cpu_fixed_s, cpu_per_token_s)`.
+    pub fn cpu_costs(&self) -> Option<(f64, f64)> {
+        lock(&self.shared.cpu_costs).estimate()
     }
 
     /// The CPU ran an expert for `tokens` tokens in `seconds`: a
@@ -543,6 +548,11 @@ impl ExpertCache {
             host_slot,
         });
         Ok(address)
+    }
+
+    /// Experts whose host bytes are held for the CPU now.
+    pub fn host_held(&self) -> usize {
+        lock(&self.cpu_held).len()
     }
 
     /// Lets go of an expert's host bytes taken by `host_acquire`.

@@ -237,10 +237,23 @@ impl PyExpertCache {
             .map_err(to_py)
     }
 
+    /// Experts whose host bytes are held for the CPU now.
+    #[getter]
+    fn host_held(&self) -> usize {
+        self.cache.host_held()
+    }
+
     /// (address, bytes) of the host memory `host_acquire`'s addresses lie in.
     #[getter]
     fn host_region(&self) -> (u64, usize) {
         self.cache.host_region()
+    }
+
+    /// (seconds for an expert with a few tokens, seconds per token for one
+    /// with many) as measured so far; None until both were.
+    #[getter]
+    fn cpu_costs(&self) -> Option<(f64, f64)> {
+        self.cache.cpu_costs()
     }
 
     /// The CPU ran an expert for `tokens` tokens in `seconds`; with `count`

@@ -1,0 +1,88 @@
+"""Experts run on the CPU from host memory: the cost measurements `auto`
+starts from, layers that mix slots and the CPU, and the hold on an expert's
+host bytes while the CPU reads them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILIES, build, expert_bytes, greedy, prompt
+
+import moe_offload
+from moe_offload import MoeOffloadError
+from moe_offload.offloader import CALIBRATION_TOKENS, calibrate_cpu
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "switch_transformers"])
+def test_calibration_measures_the_cpu_for_few_and_many_tokens(family):
+    model = build(family)
+    offloader = moe_offload.patch(model, device="cpu")
+    assert offloader.cache.cpu_costs is None, "nothing measured yet"
+    calibrate_cpu(offloader)
+    few, per_token = offloader.cache.cpu_costs
+    assert few > 0 and per_token > 0
+    # Calibration is not the model's work: the statistics do not count it.
+    assert offloader.stats()["cpu_seconds"] == 0
+    assert offloader.cache.host_held == 0
+    moe_offload.unpatch(model)
+    assert CALIBRATION_TOKENS >= 16, "the core learns per-token costs from 16 tokens on"
+
+
+def test_a_layer_runs_hits_from_slots_and_misses_on_the_cpu():
+    model = build("qwen2_moe", seed=2)
+    inputs = prompt("qwen2_moe", seed=2)
+    model.set_experts_implementation("eager")
+    plain_tokens, plain_logits = greedy(model, inputs, 24)
+    budget = expert_bytes(model) // 2
+    offloader = moe_offload.patch(model, device="cpu", device_budget=budget, cpu_experts="always")
+    tokens, logits = greedy(model, inputs, 24)
+    stats = offloader.stats()
+    moe_offload.unpatch(model)
+    # Misses ran on the CPU and were copied in the background; later steps
+    # found some of them in slots.
+    assert stats["cpu_experts"] == stats["misses"] > 0 and stats["misses_copied"] == 0
+    assert stats["background_copies"] > 0 and stats["hits"] > 0
+    # No copy on demand: every copy was a background copy or a prefetch
+    # (some may still be in flight).
+    assert stats["copies"] <= stats["background_copies"] + stats["prefetch_copies"]
+    assert torch.equal(tokens, plain_tokens) and torch.equal(logits, plain_logits)
+
+
+def test_host_bytes_held_for_the_cpu_cannot_be_rewritten():
+    model = build("mixtral")
+    offloader = moe_offload.patch(model, device="cpu")
+    cache = offloader.cache
+    address = cache.host_acquire(0, 3)
+    block = offloader.blocks[0]
+    assert cache.host_region[0] <= address < sum(cache.host_region)
+    source = torch.zeros(block.specs[0].nbytes, dtype=torch.uint8)
+    with pytest.raises(MoeOffloadError, match="expert 3 of layer 0 is in use"):
+        cache.write_expert(0, 3, 0, source.data_ptr(), source.numel())
+    cache.host_release(0, 3)
+    with pytest.raises(MoeOffloadError, match="expert 3 of layer 0 is not held"):
+        cache.host_release(0, 3)
+    # A hold nobody gives back (an interrupted pass) is dropped by release_all.
+    cache.host_acquire(1, 2)
+    assert (cache.host_held, cache.release_all()) == (1, 1)
+    assert cache.host_held == 0
+    moe_offload.unpatch(model)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_cpu_reads_the_experts_the_model_holds(family):
+    """Each expert's view of host memory holds exactly its parameters."""
+    model = build(family)
+    blocks_before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    offloader = moe_offload.patch(model, device="cpu")
+    for layer, block in enumerate(offloader.blocks):
+        for expert in (0, block.num_experts - 1):
+            address = offloader.cache.host_acquire(layer, expert)
+            try:
+                views = offloader.host.views(address, block.specs)
+                for spec in block.specs:
+                    name, index = block.parameter_name(spec, expert)
+                    expected = blocks_before[name] if index is None else blocks_before[name][index]
+                    assert torch.equal(views[spec.name], expected), (family, name, expert)
+            finally:
+                offloader.cache.host_release(layer, expert)
+    moe_offload.unpatch(model)
