@@ -17,6 +17,14 @@ same thread count (`torch.get_num_threads()`).
 
     .venv/bin/python -m pytest benches/bench_cpu_expert.py --benchmark-only
 
+A second benchmark, `test_cpu_expert_by_tokens`, times the same expert for
+1 to 64 tokens in the form the live path computes it (`F.linear` on a
+[tokens, hidden] input, as transformers' eager experts do), with one thread
+and with every torch thread: the CPU's time per expert against the token
+count, from which `cpu_experts="auto"` learns, and where copying an expert
+to a GPU starts to win (`extra_info`: median microseconds, and the token
+count's time against one token's).
+
 Both cycle through enough experts (at least 1 GiB and 8 last-level caches,
 at least two experts) that every byte comes from memory, not from a cache;
 with a 32 MiB last-level cache, 32 DeepSeek-V2-Lite experts in float32 and
@@ -165,3 +173,53 @@ def test_cpu_expert_against_a_plain_read(benchmark, shape, dtype_name):
         ratio=expert_gbps / read_gbps,
     )
     benchmark(one_expert)
+
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_ROUNDS = 15
+
+
+def expert_ffn_rows(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The expert as the live path runs it: rows of tokens through F.linear."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+@pytest.mark.parametrize("threads", ["one", "all"])
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_cpu_expert_by_tokens(benchmark, dtype_name, tokens, threads):
+    hidden, intermediate = SHAPES["deepseek-v2-lite"]
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    size = expert_bytes(hidden, intermediate, dtype)
+    experts = Experts(hidden, intermediate, dtype, experts_to_cycle(size, benchmark.disabled))
+    x = torch.randn(tokens, hidden).to(dtype)
+    gate_up, down = experts.weights(0)
+    expected = torch.stack([reference_ffn(gate_up, down, row) for row in x[:2]])
+    error = (expert_ffn_rows(gate_up, down, x[:2]).double() - expected).norm() / expected.norm()
+    assert error <= TOLERANCE[dtype], f"{dtype_name}: relative error {error:.2e}"
+
+    turn = {"expert": 0}
+
+    def one_expert() -> None:
+        expert_ffn_rows(*experts.weights(turn["expert"]), x)
+        turn["expert"] += 1
+
+    every_thread = torch.get_num_threads()
+    torch.set_num_threads(1 if threads == "one" else every_thread)
+    try:
+        rounds = 1 if benchmark.disabled else TOKEN_ROUNDS
+        seconds = statistics.median(_seconds(one_expert) for _ in range(rounds))
+        benchmark.extra_info.update(
+            shape="deepseek-v2-lite",
+            dtype=dtype_name,
+            tokens=tokens,
+            threads=torch.get_num_threads(),
+            call="F.linear",
+            expert_bytes=size,
+            median_us=seconds * 1e6,
+        )
+        benchmark(one_expert)
+    finally:
+        torch.set_num_threads(every_thread)
