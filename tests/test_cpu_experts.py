@@ -10,6 +10,7 @@ from tiny_models import FAMILIES, build, expert_bytes, greedy, prompt
 
 import moe_offload
 from moe_offload import MoeOffloadError
+from moe_offload.adapters import fused
 from moe_offload.offloader import CALIBRATION_TOKENS, calibrate_cpu
 
 
@@ -86,3 +87,42 @@ def test_the_cpu_reads_the_experts_the_model_holds(family):
             finally:
                 offloader.cache.host_release(layer, expert)
     moe_offload.unpatch(model)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "switch_transformers"])
+def test_cpu_threads_apply_to_experts_run_on_the_cpu_only(family, monkeypatch):
+    model = build(family)
+    inputs = prompt(family)
+    plain, _ = greedy(model, inputs, 4)
+    seen: list[int] = []
+    if family == "mixtral":
+        run = fused._expert_output
+
+        def counted(*args):
+            seen.append(torch.get_num_threads())
+            return run(*args)
+
+        monkeypatch.setattr(fused, "_expert_output", counted)
+    offloader = moe_offload.patch(model, device="cpu", cpu_threads=1)
+    if family != "mixtral":
+        for block in offloader.blocks:
+            for expert in block.experts:  # after moe-offload's own pre-hook
+                expert.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tokens, _ = greedy(model, inputs, 4)
+        assert torch.get_num_threads() == 2, "put back after each expert"
+    finally:
+        torch.set_num_threads(threads)
+    moe_offload.unpatch(model)
+    assert torch.equal(tokens, plain)
+    assert seen and set(seen) == {1}
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, "4", True, 10**6])
+def test_cpu_threads_out_of_range_are_refused_by_name(threads):
+    model = build("olmoe")
+    with pytest.raises(MoeOffloadError, match=r"cpu_threads=.*torch threads for experts run on the CPU"):
+        moe_offload.patch(model, device="cpu", cpu_threads=threads)
+    assert not moe_offload.is_patched(model)

@@ -78,6 +78,7 @@ def from_pretrained(
     eamc_capacity: int = 1000,
     prefetch_depth: int | None = None,
     cpu_experts: str = "auto",
+    cpu_threads: int | None = None,
     show_progress: bool | None = None,
 ) -> tuple[PreTrainedModel, Offloader]:
     """Loads the model at `path` (a Hugging Face safetensors checkpoint or an
@@ -96,8 +97,9 @@ def from_pretrained(
       place, which works when it stores each expert's tensors in the model's
       dtype and layout (otherwise a `StoreError` asks for a `store_dir`).
     - `io_workers`: threads reading experts from disk (and copying them on).
-    - `cpu_experts`: where a miss runs, as for `patch`; on the CPU the experts
-      run from the host cache, read from disk when it lacks them.
+    - `cpu_experts`, `cpu_threads`: where a miss runs and with how many torch
+      threads, as for `patch`; on the CPU the experts run from the host
+      cache, read from disk when it lacks them.
 
     Returns the model and its `Offloader`. Raises `StoreError` for a missing,
     truncated or mismatched file (naming it), `BudgetError` when
@@ -111,6 +113,7 @@ def from_pretrained(
         prefetch_depth=prefetch_depth,
         io_workers=io_workers,
         cpu_experts=cpu_experts,
+        cpu_threads=cpu_threads,
         show_progress=show_progress,
     )
     target = _target_device(device)
@@ -150,6 +153,7 @@ def from_pretrained(
         prefetch_depth=prefetch_depth,
         copy_workers=max(1, min(io_workers, host_slots)),
         cpu_experts=cpu_experts,
+        cpu_threads=cpu_threads,
         show_progress=show_progress,
         backing=StoreBacking(store, host_slots, budget),
     )

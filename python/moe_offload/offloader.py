@@ -222,6 +222,7 @@ def patch(
     prefetch_depth: int | None = None,
     copy_workers: int = 1,
     cpu_experts: str = "auto",
+    cpu_threads: int | None = None,
     show_progress: bool | None = None,
 ) -> Offloader:
     """Offload `model`'s routed experts: their weights move into the core's
@@ -259,6 +260,7 @@ def patch(
         prefetch_depth=prefetch_depth,
         copy_workers=copy_workers,
         cpu_experts=cpu_experts,
+        cpu_threads=cpu_threads,
         show_progress=show_progress,
     )
 
@@ -274,6 +276,7 @@ def _patch(
     prefetch_depth: int | None,
     copy_workers: int,
     cpu_experts: str,
+    cpu_threads: int | None,
     show_progress: bool | None,
     backing: StoreBacking | None = None,
 ) -> Offloader:
@@ -289,6 +292,7 @@ def _patch(
         prefetch_depth=prefetch_depth,
         copy_workers=copy_workers,
         cpu_experts=cpu_experts,
+        cpu_threads=cpu_threads,
         show_progress=show_progress,
     )
     blocks = find_expert_blocks(model)
@@ -343,7 +347,7 @@ def _patch(
             for layer, block in enumerate(blocks):
                 if backing is None:
                     _fill_host_tier(cache, layer, block)
-                block.offload(LayerRuntime(cache, layer, pool, host, block.specs, tracker))
+                block.offload(LayerRuntime(cache, layer, pool, host, block.specs, tracker, cpu_threads))
                 offloaded.append(block)
                 bar.update(block.num_experts * block.expert_bytes if backing is None else 0)
         _move_non_experts(model, target)
@@ -552,6 +556,7 @@ def check_arguments(
     copy_workers: int = 1,
     io_workers: int = 1,
     cpu_experts: str = CPU_EXPERTS[0],
+    cpu_threads: int | None = None,
     show_progress: bool | None = None,
 ) -> None:
     """Checks the arguments `patch` and `from_pretrained` share, before
@@ -580,6 +585,9 @@ def check_arguments(
             "prefetch_depth", prefetch_depth, 0, MAX_PREFETCH_DEPTH, "prefetches per plan (default 8)"
         )
     _check_count("copy_workers", copy_workers, 1, MAX_WORKERS, "copy threads (default 1)")
+    if cpu_threads is not None:
+        meaning = "torch threads for experts run on the CPU (default None: torch's)"
+        _check_count("cpu_threads", cpu_threads, 1, MAX_WORKERS, meaning)
     _check_count("io_workers", io_workers, 1, MAX_WORKERS, "threads reading experts from disk (default 8)")
     if show_progress is not None and not isinstance(show_progress, bool):
         raise MoeOffloadError(

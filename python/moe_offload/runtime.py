@@ -56,6 +56,21 @@ class HostMemory:
         return self._views[key]
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (None: left
+    as they are), then put back."""
+    previous = torch.get_num_threads()
+    if threads is None or threads == previous:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class SlotPool:
     """The device memory behind the cache's slots: one tensor allocated once,
     owned here (the core borrows its address and keeps it alive)."""
@@ -151,8 +166,10 @@ class LayerRuntime:
         host: HostMemory,
         specs: tuple[TensorSpec, ...],
         tracker: RequestTracker,
+        cpu_threads: int | None = None,
     ) -> None:
         self.cache = cache
+        self.cpu_threads = cpu_threads
         self.tracker = tracker
         self.layer = layer
         self.device = pool.device
@@ -197,7 +214,7 @@ class LayerRuntime:
                 on_device(expert, weights)
 
     def _run_on_cpu(self, expert: int, tokens: int, run: RunExpert) -> None:
-        with self.on_cpu(expert) as weights:
+        with self.on_cpu(expert) as weights, torch_threads(self.cpu_threads):
             started = time.perf_counter()
             run(expert, weights)
             self.cache.record_cpu(tokens, time.perf_counter() - started)

@@ -140,6 +140,7 @@ class _Placed:
         self.on_cpu = False
         self.tokens = 0
         self.started = 0.0
+        self.threads = 0  # torch's threads before a CPU run changed them
 
 
 def _fetch_hook(runtime: LayerRuntime, index: int, placed: _Placed) -> Any:
@@ -149,6 +150,9 @@ def _fetch_hook(runtime: LayerRuntime, index: int, placed: _Placed) -> Any:
         weights, placed.on_cpu = runtime.acquire(index, placed.tokens)
         placed.held = True
         _install(expert, weights)
+        placed.threads = torch.get_num_threads()
+        if placed.on_cpu and runtime.cpu_threads is not None:
+            torch.set_num_threads(runtime.cpu_threads)
         placed.started = time.perf_counter()
         if placed.on_cpu and runtime.device.type != "cpu":
             return tuple(a.to("cpu") if isinstance(a, torch.Tensor) else a for a in args)
@@ -165,10 +169,13 @@ def _release_hook(
         if not placed.held:
             return None
         placed.held = False
+        elapsed = time.perf_counter() - placed.started
+        if torch.get_num_threads() != placed.threads:
+            torch.set_num_threads(placed.threads)
         runtime.release(index, placed.on_cpu)
         if not placed.on_cpu:
             return None
-        runtime.cache.record_cpu(placed.tokens, time.perf_counter() - placed.started)
+        runtime.cache.record_cpu(placed.tokens, elapsed)
         if runtime.device.type != "cpu" and isinstance(output, torch.Tensor):
             return output.to(runtime.device)
         return None
