@@ -157,6 +157,18 @@ def test_activation_aware_beats_lru_and_the_reference_on_real_routing():
         assert ours["stall_ms_per_token"] < other["stall_ms_per_token"], name
 
 
+@needs_traces
+def test_the_cpu_halves_activation_awares_time_on_real_routing():
+    """The target for CPU-computed misses: at 25% cached, a CPU that runs an expert
+    in 173 us (half a 346 us copy) at least halves activation-aware's time per token."""
+    trace, params = deepseek_trace(350), lab.LabParams(capacity=0.25, warmup=200)
+    copy = lab.run(trace, ["activation-aware"], params)["policies"]["activation-aware"]
+    with_cpu = lab.LabParams(capacity=0.25, warmup=200, cpu_expert_us=173.0)
+    cpu = lab.run(trace, ["activation-aware"], with_cpu)["policies"]["activation-aware"]
+    assert cpu["cpu_experts_per_token"] > 0
+    assert cpu["ms_per_token"] <= 0.5 * copy["ms_per_token"], (cpu, copy)
+
+
 def test_the_replay_command_prints_the_report(tmp_path):
     rng = np.random.default_rng(5)
     requests = [Request(f"r{i}", routing(rng, 30, 4, 8, 2)) for i in range(5)]
@@ -181,8 +193,10 @@ def test_the_replay_command_prints_the_report(tmp_path):
             "bytes_per_token",
             "ms_per_token",
             "slowdown_vs_resident",
+            "cpu_experts_per_token",
         }
         assert figures["slowdown_vs_resident"] >= 1.0
+        assert figures["cpu_experts_per_token"] is None, "no CPU without --cpu-expert-us"
     assert report["trace"]["requests"] == 4 and report["trace"]["warmup_requests"] == 1
     assert report["params"]["slots"] == 8
     # Where the result came from: the command (trace paths outside the working
@@ -268,6 +282,11 @@ BAD_REPLAYS = {
     "capacity 2": (_good, ["--capacity", "2"], "--capacity 2.0 must be"),
     "limit 0": (_good, ["--limit", "0"], "--limit 0 must be"),
     "warmup -1": (_good, ["--warmup", "-1"], "--warmup -1 must be"),
+    "cpu nan": (_good, ["--cpu-expert-us", "nan"], "--cpu-expert-us nan must be a number of microseconds"),
+    "cpu inf": (_good, ["--cpu-expert-us", "inf"], "--cpu-expert-us inf must be"),
+    "cpu 0": (_good, ["--cpu-expert-us", "0"], "--cpu-expert-us 0.0 must be"),
+    "cpu -5": (_good, ["--cpu-expert-us", "-5"], "--cpu-expert-us -5.0 must be"),
+    "cpu mode alone": (_good, ["--cpu-experts", "always"], "--cpu-experts always needs --cpu-expert-us"),
 }
 
 
@@ -288,7 +307,7 @@ def test_every_replay_option_says_what_it_does_and_its_default():
     commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     replay = commands.choices["replay"]
     options = [a for a in replay._actions if a.option_strings and a.dest not in ("help", "verbose")]
-    assert len(options) == 11
+    assert len(options) == 13
     for action in options:
         assert action.help and "(default: " in action.help, action.option_strings
     text = replay.format_help()
@@ -311,3 +330,40 @@ def test_a_replay_reports_each_request_and_stops_when_the_callback_raises():
     with pytest.raises(KeyboardInterrupt):
         lab.run(trace, ["activation-aware", "lru"], params, progress=interrupt)
     assert seen == [("activation-aware", 1)], "Ctrl-C stops the replay at the next request"
+
+
+def test_the_cpu_as_a_second_executor_cuts_the_stall(tmp_path):
+    rng = np.random.default_rng(7)
+    trace = Trace(4, 16, 2, "synthetic", [Request(f"r{i}", routing(rng, 40, 4, 16, 2)) for i in range(4)])
+    # A copy takes 1 ms, a layer computes for 0.3 ms, the CPU runs an expert in 0.2 ms.
+    base = dict(capacity=0.25, bandwidth_gbps=1.0, layer_compute_us=300.0, expert_bytes=10**6)
+    copy = lab.run(trace, ["lru", "oracle"], lab.LabParams(**base))
+    cpu = lab.run(trace, ["lru", "oracle"], lab.LabParams(**base, cpu_expert_us=200.0))
+    assert cpu["params"]["cpu_expert_us"] == 200.0 and cpu["params"]["cpu_experts"] == "auto"
+    for name, figures in cpu["policies"].items():
+        assert figures["cpu_experts_per_token"] > 0, name
+        assert figures["stall_ms_per_token"] < copy["policies"][name]["stall_ms_per_token"] / 2, name
+        assert copy["policies"][name]["cpu_experts_per_token"] is None
+    # A CPU at 0.9 ms: auto copies one of two misses (1.3 ms to copy and compute it, against
+    # 1.8 ms for both on the CPU); always runs every miss there, so its only copies are the
+    # background copies of CPU-run experts.
+    slow = {mode: lab.LabParams(**base, cpu_expert_us=900.0, cpu_experts=mode) for mode in ("auto", "always")}
+    auto, always = (lab.run(trace, ["lru"], slow[mode])["policies"]["lru"] for mode in ("auto", "always"))
+    assert always["cpu_experts_per_token"] > auto["cpu_experts_per_token"] > 0
+    assert 0 < always["bytes_per_token"] <= always["cpu_experts_per_token"] * 10**6
+    with pytest.raises(MoeOffloadError, match='cpu_experts = "sometimes"'):
+        lab.run(trace, ["lru"], lab.LabParams(**base, cpu_expert_us=200.0, cpu_experts="sometimes"))
+
+    path = tmp_path / "t.jsonl"
+    write_trace(path, trace)
+    command = [sys.executable, "-m", "moe_offload.cli", "replay", str(path), "--expert-bytes", "1000000"]
+    command += ["--bandwidth-gbps", "1", "--policy", "lru", "activation-aware", "--cpu-expert-us", "200"]
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert "--cpu-expert-us 200" in report["run"]["command"]
+    for figures in report["policies"].values():
+        assert figures["cpu_experts_per_token"] > 0
+    table = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "CPU 200 us per expert (auto)" in table.stdout and "| CPU experts/token |" in table.stdout

@@ -6,13 +6,27 @@
 //! Requests run one after another. Each finished request joins the EAMC,
 //! so later requests are matched against earlier ones (and against the
 //! warm-up requests), never against themselves.
+//!
+//! With [`ReplayConfig::cpu_expert_s`] the CPU is a second executor: each
+//! layer's experts are placed by [`CacheCore::place`], the decision the live
+//! cache makes, and a miss may run on the CPU instead of waiting for its
+//! copy. An expert's CPU time is `cpu_expert_s`, the time of one token's
+//! run (`cpu_fixed_s`, with no time per token: for a token or a few, the
+//! CPU's time is the read of the expert's weights from host memory); the
+//! replay steps one token at a time, so no expert has more. One CPU runs
+//! the layer's CPU experts one after another, from the moment the routing
+//! is known, while the device path waits for its copies and computes the
+//! layer; the layer ends when both are done.
 
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use crate::cache::core::{CacheCore, CopyJob};
+use crate::cache::core::{CacheCore, CopyJob, ExecutionCosts, Placement};
 use crate::cache::oracle::Oracle;
-use crate::cache::policy_by_name;
+use crate::cache::{policy_by_name, CachePolicy};
 use crate::error::{CoreError, Result};
+use crate::execution::CpuExperts;
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::planner::{Planner, PlannerConfig, RequestId, Timing};
 use crate::queue::PrefetchQueue;
@@ -36,6 +50,11 @@ pub struct ReplayConfig {
     pub bandwidth_bytes_per_s: f64,
     pub layer_compute_s: f64,
     pub planner: PlannerConfig,
+    /// The CPU's time to run one expert for one token; `None`: no CPU, every
+    /// miss is copied (and the replay is exactly the copy-only lab).
+    pub cpu_expert_s: Option<f64>,
+    /// Where misses run when `cpu_expert_s` is set.
+    pub cpu_experts: CpuExperts,
 }
 
 /// What one policy did over the replay.
@@ -51,9 +70,16 @@ pub struct ReplayReport {
     pub prefetch_copies: u64,
     pub copies: u64,
     pub bytes_moved: u64,
+    /// Time the layers waited beyond their compute: for each layer, its end
+    /// minus (its start + `layer_compute_s`). Its end is the later of the
+    /// device path (the layer's copies landed, then its compute) and the
+    /// CPU's (its experts, one after another from the start).
     pub stall_s: f64,
     pub total_s: f64,
     pub resident_s: f64,
+    /// Experts run on the CPU, and the CPU time they took.
+    pub cpu_experts: u64,
+    pub cpu_s: f64,
 }
 
 /// One copy engine on a simulated clock.
@@ -92,6 +118,14 @@ impl CopyEngine {
             }
         }
         false
+    }
+
+    /// What is left at `now` of the copy the engine is running.
+    fn backlog(&self, now: f64) -> f64 {
+        match self.current {
+            Some(_) => (self.free_at - now).max(0.0),
+            None => 0.0,
+        }
     }
 
     /// Advances past `now` until every slot is ready; returns the new time.
@@ -151,14 +185,7 @@ pub fn replay_with_progress(
         config.slots,
         layout.num_experts(),
     )?;
-    let policy = if policy == "oracle" {
-        Box::new(Oracle::new(
-            &access_sequence(config, requests),
-            layout.num_experts(),
-        ))
-    } else {
-        policy_by_name(policy, config.slots, layout.num_experts())?
-    };
+    let (policy, oracle_clock) = build_policy(policy, config, requests, layout.num_experts())?;
     let predictive = policy.prefetches();
     let mut core = CacheCore::new(layout, pool, policy);
     // Only a predictive policy uses the planner (and its EAMC's memory).
@@ -190,11 +217,16 @@ pub fn replay_with_progress(
     };
     let mut now = 0.0f64;
     let mut stall = 0.0f64;
+    let mut steps = 0usize;
     let mut ids: Vec<ExpertId> = Vec::with_capacity(config.top_k);
     for (done, request) in requests.iter().enumerate() {
         let id: Option<RequestId> = planner.as_mut().map(|p| p.begin_request());
         for_each_layer(config, request, |_, layer, experts| {
             engine.run_until(&mut core, &queue, now, now);
+            steps += 1;
+            if let Some(clock) = &oracle_clock {
+                clock.store(steps * config.top_k, Ordering::Relaxed);
+            }
             ids.clear();
             ids.extend(
                 experts
@@ -209,24 +241,28 @@ pub fn replay_with_progress(
                 let (scores, prefetch) = planner.plan(layer);
                 core.plan(&queue, scores, &prefetch, depth);
             }
-            let slots = loop {
-                match core.fetch(&queue, &ids) {
-                    // Prefetches in flight hold the slots: let them land.
-                    Err(CoreError::BudgetTooSmall { .. }) if engine.current.is_some() => {
-                        now = now.max(engine.free_at);
-                        engine.run_until(&mut core, &queue, now, now);
-                    }
-                    outcome => break outcome?,
+            let mut sim = Layer {
+                core: &mut core,
+                queue: &queue,
+                engine: &mut engine,
+                config,
+            };
+            let end = match config.cpu_expert_s {
+                None => {
+                    let (waited_from, ready) = sim.fetch(&ids, now)?;
+                    stall += ready - waited_from;
+                    ready + config.layer_compute_s
+                }
+                Some(cpu_expert_s) => {
+                    let (ready, end) = sim.place(&ids, now, cpu_expert_s)?;
+                    // end - (now + compute), summed as without a CPU (the
+                    // wait for the copies) plus what the CPU added after it.
+                    stall += ready - now;
+                    stall += end - (ready + config.layer_compute_s);
+                    end
                 }
             };
-            engine.run_until(&mut core, &queue, now, now);
-            let ready = engine.wait_for(&mut core, &queue, &slots, now)?;
-            stall += ready - now;
-            now = ready;
-            for &e in &ids {
-                core.release(e, false)?;
-            }
-            now += config.layer_compute_s;
+            now = end;
             Ok(())
         })?;
         if let (Some(id), Some(planner)) = (id, planner.as_mut()) {
@@ -252,7 +288,201 @@ pub fn replay_with_progress(
         stall_s: stall,
         total_s: now,
         resident_s: tokens as f64 * config.layers as f64 * config.layer_compute_s,
+        cpu_experts: stats.cpu_experts,
+        cpu_s: config
+            .cpu_expert_s
+            .map_or(0.0, |t| stats.cpu_experts as f64 * t),
     }))
+}
+
+/// One MoE layer on the simulated clock: the core, the queue and the copy
+/// engine it uses.
+struct Layer<'a> {
+    core: &'a mut CacheCore,
+    queue: &'a PrefetchQueue,
+    engine: &'a mut CopyEngine,
+    config: &'a ReplayConfig,
+}
+
+impl Layer<'_> {
+    /// Every expert from a device slot (the lab without a CPU), from `now`:
+    /// returns when the fetch could be made (prefetches in flight may hold
+    /// the slots until they land) and when the layer's copies have landed.
+    fn fetch(&mut self, ids: &[ExpertId], mut now: f64) -> Result<(f64, f64)> {
+        let slots = self.fetch_waiting_for_room(ids, &mut now)?;
+        self.engine.run_until(self.core, self.queue, now, now);
+        let ready = self.engine.wait_for(self.core, self.queue, &slots, now)?;
+        for &e in ids {
+            self.core.release(e, false)?;
+        }
+        Ok((now, ready))
+    }
+
+    /// Pins slots for `ids`, letting the prefetches in flight that hold the
+    /// slots land first (advancing `now`).
+    fn fetch_waiting_for_room(&mut self, ids: &[ExpertId], now: &mut f64) -> Result<Vec<SlotId>> {
+        loop {
+            match self.core.fetch(self.queue, ids) {
+                Err(CoreError::BudgetTooSmall { .. }) if self.engine.current.is_some() => {
+                    *now = now.max(self.engine.free_at);
+                    self.engine.run_until(self.core, self.queue, *now, *now);
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// The layer's experts placed by the core (hits from their slots, each
+    /// miss copied or run on the CPU), from `start`; returns when the
+    /// layer's copies have landed and the layer's end: the later of the
+    /// device path (those copies, then the layer's compute) and the CPU's
+    /// (its experts one after another).
+    fn place(&mut self, ids: &[ExpertId], start: f64, cpu_expert_s: f64) -> Result<(f64, f64)> {
+        let costs = ExecutionCosts {
+            cpu_fixed_s: cpu_expert_s,
+            cpu_per_token_s: 0.0,
+            copy_s: self.config.expert_bytes as f64 / self.config.bandwidth_bytes_per_s,
+            // The layer's compute waits for its copies (as without a CPU),
+            // and covers the device's own run of the experts.
+            device_s: 0.0,
+            device_tail_s: self.config.layer_compute_s,
+            // The layer's on-demand copies go first, after the one running.
+            copy_backlog_s: Some(self.engine.backlog(start)),
+        };
+        let tokens = vec![1; ids.len()];
+        let mode = self.config.cpu_experts;
+        let placements = self
+            .core
+            .place(self.queue, ids, &tokens, mode, Some(&costs))?;
+        let (mut pinned, mut later, mut on_cpu) = (Vec::new(), Vec::new(), 0u32);
+        for (&id, placement) in ids.iter().zip(&placements) {
+            match placement {
+                Placement::Slot(slot) => pinned.push((id, *slot)),
+                Placement::Later => later.push(id),
+                Placement::Cpu => on_cpu += 1,
+            }
+        }
+        let mut ready = self.wait_and_release(&pinned, start)?;
+        if !later.is_empty() {
+            // The pool could not hold them beside the pinned ones, now released.
+            let slots = self.fetch_waiting_for_room(&later, &mut ready)?;
+            let fetched: Vec<(ExpertId, SlotId)> = later.into_iter().zip(slots).collect();
+            ready = self.wait_and_release(&fetched, ready)?;
+        }
+        let device_end = ready + self.config.layer_compute_s;
+        let cpu_end = start + f64::from(on_cpu) * cpu_expert_s;
+        Ok((ready, device_end.max(cpu_end)))
+    }
+
+    /// Runs the copy engine from `now` until the pinned `experts` (with
+    /// their slots) have landed, then releases them; returns that time.
+    fn wait_and_release(&mut self, experts: &[(ExpertId, SlotId)], now: f64) -> Result<f64> {
+        self.engine.run_until(self.core, self.queue, now, now);
+        let slots: Vec<SlotId> = experts.iter().map(|&(_, slot)| slot).collect();
+        let ready = self.engine.wait_for(self.core, self.queue, &slots, now)?;
+        for &(id, _) in experts {
+            self.core.release(id, false)?;
+        }
+        Ok(ready)
+    }
+}
+
+/// The position just after the current step's accesses, which the replay
+/// sets as each step begins and a [`StepOracle`] reads.
+type StepClock = Arc<AtomicUsize>;
+
+/// Belady's choice for a replay with placements: evicts the expert whose
+/// next use lies farthest after the current step (one token at one layer).
+/// The core's [`Oracle`] counts its position in the access sequence from
+/// the accesses it is told of, in order; a placement tells it of the hits
+/// first, never of an expert run on the CPU, and a background copy arrives
+/// as an insertion without an access, so the replay keeps the position
+/// instead. With every access told in order the two choose alike.
+struct StepOracle {
+    /// `uses[starts[e]..starts[e + 1]]`: the positions in the access
+    /// sequence at which expert e is used, ascending.
+    starts: Vec<usize>,
+    uses: Vec<usize>,
+    /// Per expert, how many of its uses lie before `after`.
+    passed: Vec<usize>,
+    after: StepClock,
+}
+
+impl StepOracle {
+    fn new(accesses: &[ExpertId], num_experts: usize, after: StepClock) -> Self {
+        let mut starts = vec![0usize; num_experts + 1];
+        for &e in accesses {
+            starts[e as usize + 1] += 1;
+        }
+        for e in 0..num_experts {
+            starts[e + 1] += starts[e];
+        }
+        let mut filled = starts.clone();
+        let mut uses = vec![0usize; accesses.len()];
+        for (position, &e) in accesses.iter().enumerate() {
+            uses[filled[e as usize]] = position;
+            filled[e as usize] += 1;
+        }
+        Self {
+            starts,
+            uses,
+            passed: vec![0; num_experts],
+            after,
+        }
+    }
+
+    /// The position of `expert`'s next use after the current step
+    /// (`usize::MAX`: never). The step only moves forward, so each
+    /// expert's uses are passed over once.
+    fn next_use(&mut self, expert: ExpertId) -> usize {
+        let after = self.after.load(Ordering::Relaxed);
+        let e = expert as usize;
+        let uses = &self.uses[self.starts[e]..self.starts[e + 1]];
+        let passed = &mut self.passed[e];
+        while uses.get(*passed).is_some_and(|&p| p < after) {
+            *passed += 1;
+        }
+        uses.get(*passed).copied().unwrap_or(usize::MAX)
+    }
+}
+
+impl CachePolicy for StepOracle {
+    fn name(&self) -> &'static str {
+        "oracle"
+    }
+
+    fn on_access(&mut self, _slot: SlotId, _expert: ExpertId) {}
+
+    fn choose_victim(
+        &mut self,
+        candidates: &mut dyn Iterator<Item = (SlotId, ExpertId)>,
+    ) -> Option<SlotId> {
+        // As the core's Oracle: among equals, the last candidate.
+        candidates
+            .map(|(slot, e)| (slot, self.next_use(e)))
+            .max_by_key(|&(_, next)| next)
+            .map(|(slot, _)| slot)
+    }
+}
+
+/// The policy called `name`; the oracle's with the clock the replay sets
+/// when it places experts (see [`StepOracle`]).
+fn build_policy(
+    name: &str,
+    config: &ReplayConfig,
+    requests: &[Routing],
+    num_experts: usize,
+) -> Result<(Box<dyn CachePolicy>, Option<StepClock>)> {
+    if name != "oracle" {
+        return Ok((policy_by_name(name, config.slots, num_experts)?, None));
+    }
+    let accesses = access_sequence(config, requests);
+    if config.cpu_expert_s.is_none() {
+        return Ok((Box::new(Oracle::new(&accesses, num_experts)), None));
+    }
+    let clock = Arc::new(AtomicUsize::new(0));
+    let oracle = StepOracle::new(&accesses, num_experts, Arc::clone(&clock));
+    Ok((Box::new(oracle), Some(clock)))
 }
 
 /// Most experts (over all layers) a replay takes. The largest routed models
@@ -314,6 +544,13 @@ fn validate<'a>(
             "layer compute time {} s must be a finite number >= 0",
             config.layer_compute_s
         ));
+    }
+    if let Some(cpu_s) = config.cpu_expert_s {
+        if !(cpu_s.is_finite() && cpu_s >= 0.0) {
+            return invalid(format!(
+                "CPU time per expert {cpu_s} s must be a finite number >= 0 (or none: no CPU)"
+            ));
+        }
     }
     let per_token = layers * top_k;
     // Which token last named each expert: a token's top-k are distinct.
@@ -394,6 +631,8 @@ mod tests {
             bandwidth_bytes_per_s: 1e6, // one copy = 1 ms
             layer_compute_s: 1e-3,
             planner: PlannerConfig::default(),
+            cpu_expert_s: None,
+            cpu_experts: CpuExperts::Auto,
         }
     }
 
@@ -506,6 +745,9 @@ mod tests {
                 &[],
             );
         }
+        for cpu_expert_s in [f64::NAN, f64::INFINITY, -1e-6] {
+            refused(with_cpu(&base, cpu_expert_s), &[]);
+        }
         refused(
             ReplayConfig {
                 experts: usize::MAX,
@@ -598,5 +840,185 @@ mod tests {
         })
         .unwrap();
         assert_eq!((stopped, calls), (None, 1));
+    }
+
+    /// `n` tokens of routing over `experts` experts, `top_k` distinct ones
+    /// per token and layer, from a fixed pseudo-random sequence.
+    fn random_routing(n: usize, layers: usize, experts: u32, top_k: usize, seed: u64) -> Vec<u32> {
+        let mut x = seed;
+        let mut ids = Vec::with_capacity(n * layers * top_k);
+        for _ in 0..n * layers {
+            let start = ids.len();
+            while ids.len() < start + top_k {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let e = ((x >> 33) % u64::from(experts)) as u32;
+                if !ids[start..].contains(&e) {
+                    ids.push(e);
+                }
+            }
+        }
+        ids
+    }
+
+    fn with_cpu(config: &ReplayConfig, cpu_expert_s: f64) -> ReplayConfig {
+        ReplayConfig {
+            cpu_expert_s: Some(cpu_expert_s),
+            ..config.clone()
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    #[test]
+    fn a_cpu_faster_than_a_copy_runs_misses_while_their_copies_go_by() {
+        // The first test's routing (two tokens, expert 0 at both layers):
+        // each miss runs on the CPU within the layer's compute, its copy
+        // goes meanwhile in the background, and the second token hits.
+        let ids = [0, 0, 0, 0];
+        let routing = [Routing {
+            tokens: 2,
+            ids: &ids,
+        }];
+        for mode in [CpuExperts::Auto, CpuExperts::Always] {
+            let config = ReplayConfig {
+                cpu_experts: mode,
+                ..with_cpu(&config(4), 0.5e-3)
+            };
+            let report = replay("lru", &config, &routing, &[]).unwrap();
+            let counts = (report.hits, report.misses, report.cpu_experts);
+            assert_eq!((counts, report.copies), ((2, 2, 2), 2), "{mode:?}");
+            assert_eq!(report.stall_s, 0.0);
+            assert!(close(report.total_s, 4e-3) && close(report.cpu_s, 1e-3));
+        }
+        // A CPU slower than the layer's compute (1.5 ms against 1 ms, and
+        // 2 ms to copy and compute) stalls each miss by the difference.
+        let report = replay("lru", &with_cpu(&config(4), 1.5e-3), &routing, &[]).unwrap();
+        assert_eq!((report.hits, report.cpu_experts), (2, 2));
+        assert!(close(report.stall_s, 1e-3) && close(report.total_s, 5e-3));
+    }
+
+    #[test]
+    fn a_cpu_faster_than_a_copy_cuts_every_policys_stall() {
+        let config = ReplayConfig {
+            layers: 4,
+            experts: 8,
+            top_k: 2,
+            slots: 8,
+            ..config(4)
+        };
+        let ids = random_routing(200, 4, 8, 2, 11);
+        let routing = [Routing {
+            tokens: 200,
+            ids: &ids,
+        }];
+        let mut demand_hits = 0;
+        for policy in ["lru", "lfu", "reference", "activation-aware", "oracle"] {
+            let copy = replay(policy, &config, &routing, &[]).unwrap();
+            let cpu = replay(policy, &with_cpu(&config, 0.3e-3), &routing, &[]).unwrap();
+            if policy == "oracle" {
+                // Belady keeps its lead with the CPU (an oracle whose clock
+                // drifted from the replay's did no better than LRU).
+                assert!(cpu.hits > demand_hits, "{cpu:?}: {demand_hits}");
+            } else if policy != "activation-aware" {
+                demand_hits = demand_hits.max(cpu.hits);
+            }
+            assert_eq!((copy.cpu_experts, copy.cpu_s), (0, 0.0));
+            assert_eq!(cpu.accesses, copy.accesses, "{policy}");
+            assert!(cpu.cpu_experts > 0, "{policy}: {cpu:?}");
+            assert!(
+                cpu.stall_s < copy.stall_s / 2.0,
+                "{policy}: {cpu:?} vs {copy:?}"
+            );
+            assert!((cpu.cpu_s - cpu.cpu_experts as f64 * 0.3e-3).abs() < 1e-9);
+            // Every layer ends after its compute and its stall, nothing else.
+            let accounted = cpu.resident_s + cpu.stall_s;
+            assert!((cpu.total_s - accounted).abs() < 1e-9, "{policy}: {cpu:?}");
+        }
+    }
+
+    #[test]
+    fn a_cpu_slower_than_any_copy_changes_nothing() {
+        // One expert per layer: the placement's order (hits first) is the
+        // routing's, so every figure must be the copy-only replay's.
+        let config = ReplayConfig {
+            layers: 3,
+            ..config(3)
+        };
+        let ids = random_routing(300, 3, 4, 1, 3);
+        let routing = [Routing {
+            tokens: 300,
+            ids: &ids,
+        }];
+        for policy in ["lru", "lfu", "reference", "activation-aware", "oracle"] {
+            let copy = replay(policy, &config, &routing, &[]).unwrap();
+            assert!(copy.misses > 100, "{policy}: the test needs misses");
+            for mode in [CpuExperts::Auto, CpuExperts::Never] {
+                let slow = ReplayConfig {
+                    cpu_experts: mode,
+                    ..with_cpu(&config, 10.0)
+                };
+                let placed = replay(policy, &slow, &routing, &[]).unwrap();
+                assert_eq!(placed, copy, "{policy}, {mode:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_step_oracle_evicts_the_expert_needed_last_after_the_step() {
+        // Accesses 0 1 2 | 0 2, one per step; expert 3 is never used.
+        let after = Arc::new(AtomicUsize::new(3));
+        let mut oracle = StepOracle::new(&[0, 1, 2, 0, 2], 4, Arc::clone(&after));
+        let mut victim = |candidates: &[(SlotId, ExpertId)]| {
+            oracle.choose_victim(&mut candidates.iter().copied())
+        };
+        assert_eq!(victim(&[(0, 0), (1, 1), (2, 2)]), Some(1));
+        assert_eq!(victim(&[(0, 0), (2, 2)]), Some(2));
+        // After step 4 (expert 0's last use) it is needed no more; equals
+        // go as in the core's Oracle, the last one.
+        after.store(4, Ordering::Relaxed);
+        assert_eq!(victim(&[(0, 0), (2, 2)]), Some(0));
+        assert_eq!(victim(&[(0, 0), (2, 2), (3, 3)]), Some(3));
+        assert_eq!(victim(&[]), None);
+    }
+
+    #[test]
+    fn experts_the_pool_cannot_hold_beside_the_hits_are_fetched_after_them() {
+        // Two slots, one taken by a prefetch copying until 1 ms: the layer's
+        // two misses copy one after the other behind it, the second once
+        // the first is released (the placement's `Later`).
+        let config = ReplayConfig {
+            layers: 1,
+            top_k: 2,
+            slots: 2,
+            cpu_experts: CpuExperts::Never,
+            ..with_cpu(&config(2), 1e-4)
+        };
+        let layout = ExpertLayout::new(&[(4, 1000)]).unwrap();
+        let pool = SlotPool::new(0, 1000, 2, 4).unwrap();
+        let policy = crate::cache::activation_aware::ActivationAware::new(2, 4);
+        let mut core = CacheCore::new(layout, pool, Box::new(policy));
+        let queue = PrefetchQueue::new();
+        let mut engine = CopyEngine {
+            free_at: 0.0,
+            current: None,
+            seconds_per_byte: 1e-6,
+        };
+        core.plan(&queue, &[0.0, 0.0, 0.0, 0.9], &[(3, 0.9)], 1);
+        engine.run_until(&mut core, &queue, 0.0, 0.0);
+        assert!(engine.current.is_some() && close(engine.backlog(0.0), 1e-3));
+        let mut sim = Layer {
+            core: &mut core,
+            queue: &queue,
+            engine: &mut engine,
+            config: &config,
+        };
+        let (ready, end) = sim.place(&[0, 1], 0.0, 1e-4).unwrap();
+        assert!(close(ready, 3e-3) && close(end, 4e-3), "{ready} {end}");
+        assert_eq!(core.free_slots(), 2, "every slot is released");
+        assert_eq!((core.stats().misses, core.stats().copies), (2, 3));
     }
 }

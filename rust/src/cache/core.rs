@@ -170,13 +170,19 @@ impl CacheCore {
                 min_bytes: (self.pool.len() - available + missing) * self.pool.slot_bytes(),
             });
         }
+        // Hits are pinned first, so that no miss of the same call takes the
+        // slot of an expert named after it; the policy still hears of every
+        // expert in the order given (the oracle counts its place that way).
+        let hits: Vec<Option<SlotId>> = ids.iter().map(|&id| self.pool.lookup(id)).collect();
+        for &slot in hits.iter().flatten() {
+            self.pool.pin(slot);
+        }
         let mut slots = Vec::with_capacity(ids.len());
-        for &id in ids {
-            let slot = match self.pool.lookup(id) {
+        for (&id, hit) in ids.iter().zip(hits) {
+            slots.push(match hit {
                 Some(slot) => self.reuse(queue, slot, id),
                 None => self.admit_on_demand(queue, id),
-            };
-            slots.push(slot);
+            });
         }
         Ok(slots)
     }
@@ -310,8 +316,8 @@ impl CacheCore {
         }
     }
 
+    /// A hit on `slot`, which the caller has pinned.
     fn reuse(&mut self, queue: &PrefetchQueue, slot: SlotId, id: ExpertId) -> SlotId {
-        self.pool.pin(slot);
         self.policy.on_access(slot, id);
         let by_prefetch = std::mem::take(&mut self.prefetched[slot as usize]);
         let layer = self.layout.locate(id).0;
@@ -657,6 +663,29 @@ mod tests {
         core.fetch(&queue, &[2, 3]).unwrap();
         complete_all(&mut core, &queue);
         assert_eq!(core.release_all(false), 2);
+    }
+
+    #[test]
+    fn a_miss_never_evicts_a_hit_named_later_in_the_same_fetch() {
+        let queue = PrefetchQueue::new();
+        let mut core = core(2, Box::new(Lru::new(2)));
+        core.fetch(&queue, &[1]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(1, false).unwrap();
+        core.fetch(&queue, &[3]).unwrap();
+        complete_all(&mut core, &queue);
+        core.release(3, false).unwrap();
+        // LRU's victim is expert 1, a hit of this call named after the
+        // miss 0: the miss must take expert 3's slot instead.
+        core.fetch(&queue, &[0, 1]).unwrap();
+        complete_all(&mut core, &queue);
+        let stats = core.stats();
+        assert_eq!(
+            (stats.hits, stats.misses, stats.copies),
+            (1, 3, 3),
+            "{stats:?}"
+        );
+        assert_eq!(core.pool().lookup(3), None, "the miss took the other slot");
     }
 
     fn costs(cpu_us: f64, copy_us: f64) -> ExecutionCosts {

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_py;
+use crate::execution::CpuExperts;
 use crate::replay::{replay_with_progress as run_replay, ReplayConfig, Routing};
 use crate::trace::{ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
 
@@ -34,11 +35,15 @@ fn routings(raw: &[RawRouting]) -> Vec<Routing<'_>> {
 
 /// Replays routing through the cache core under one policy on a simulated
 /// clock; planner settings come as keyword arguments (see `planner.rs`).
-/// `progress(done)` is called after each measured request; an exception it
-/// raises (KeyboardInterrupt included) stops the replay and is raised here.
+/// `cpu_expert_s` (one expert's CPU time for one token) adds the CPU as a
+/// second executor, with misses placed by `cpu_experts` ("auto", "always"
+/// or "never"); see `replay.rs`. `progress(done)` is called after each
+/// measured request; an exception it raises (KeyboardInterrupt included)
+/// stops the replay and is raised here.
 #[pyfunction]
 #[pyo3(signature = (policy, requests, warmup, *, layers, experts, top_k, slots, expert_bytes,
-    bandwidth_bytes_per_s, layer_compute_s, progress=None, **planner))]
+    bandwidth_bytes_per_s, layer_compute_s, cpu_expert_s=None, cpu_experts="auto", progress=None,
+    **planner))]
 #[allow(clippy::too_many_arguments)]
 pub fn replay<'py>(
     py: Python<'py>,
@@ -52,6 +57,8 @@ pub fn replay<'py>(
     expert_bytes: u64,
     bandwidth_bytes_per_s: f64,
     layer_compute_s: f64,
+    cpu_expert_s: Option<f64>,
+    cpu_experts: &str,
     progress: Option<Py<PyAny>>,
     planner: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -64,6 +71,8 @@ pub fn replay<'py>(
         bandwidth_bytes_per_s,
         layer_compute_s,
         planner: super::planner::planner_config(planner)?,
+        cpu_expert_s,
+        cpu_experts: CpuExperts::parse(cpu_experts).map_err(to_py)?,
     };
     let mut raised = None;
     let on_request = |done: usize| {
@@ -99,6 +108,8 @@ pub fn replay<'py>(
     d.set_item("stall_s", report.stall_s)?;
     d.set_item("total_s", report.total_s)?;
     d.set_item("resident_s", report.resident_s)?;
+    d.set_item("cpu_experts", report.cpu_experts)?;
+    d.set_item("cpu_s", report.cpu_s)?;
     Ok(d)
 }
 
