@@ -89,22 +89,30 @@ def test_the_cpu_reads_the_experts_the_model_holds(family):
     moe_offload.unpatch(model)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "switch_transformers"])
-def test_cpu_threads_apply_to_experts_run_on_the_cpu_only(family, monkeypatch):
+@pytest.mark.parametrize("path", ["fused, expert by expert", "fused, in place", "modulelist"])
+def test_cpu_threads_apply_to_experts_run_on_the_cpu_only(path, monkeypatch):
+    family = "switch_transformers" if path == "modulelist" else "mixtral"
     model = build(family)
     inputs = prompt(family)
     plain, _ = greedy(model, inputs, 4)
     seen: list[int] = []
-    if family == "mixtral":
-        run = fused._expert_output
 
+    def counting(run):
         def counted(*args):
             seen.append(torch.get_num_threads())
             return run(*args)
 
-        monkeypatch.setattr(fused, "_expert_output", counted)
-    offloader = moe_offload.patch(model, device="cpu", cpu_threads=1)
-    if family != "mixtral":
+        return counted
+
+    monkeypatch.setattr(fused, "_expert_output", counting(fused._expert_output))
+    monkeypatch.setattr(fused.InPlace, "run", counting(fused.InPlace.run))
+    # A budget keeps slots, so experts run one by one; without one, a fused
+    # layer runs in place.
+    budget = expert_bytes(model) // 4 if path == "fused, expert by expert" else None
+    offloader = moe_offload.patch(
+        model, device="cpu", device_budget=budget, cpu_experts="always", cpu_threads=1
+    )
+    if path == "modulelist":
         for block in offloader.blocks:
             for expert in block.experts:  # after moe-offload's own pre-hook
                 expert.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
@@ -115,9 +123,26 @@ def test_cpu_threads_apply_to_experts_run_on_the_cpu_only(family, monkeypatch):
         assert torch.get_num_threads() == 2, "put back after each expert"
     finally:
         torch.set_num_threads(threads)
+    cpu_experts = offloader.stats()["cpu_experts"]
     moe_offload.unpatch(model)
     assert torch.equal(tokens, plain)
-    assert seen and set(seen) == {1}
+    if path == "fused, expert by expert":
+        # Hits run from their slots, with torch's threads.
+        assert seen.count(1) == cpu_experts > 0 and set(seen) <= {1, 2}
+    else:
+        assert seen and set(seen) == {1}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("switch_transformers", "nllb_moe")])
+def test_a_layer_run_in_place_sees_every_expert_as_the_model_held_it(family):
+    model = build(family)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    offloader = moe_offload.patch(model, device="cpu")
+    for block in offloader.blocks:
+        in_place = block.module.__dict__["_moe_offload_in_place"]
+        for name, view in in_place.stacked.items():
+            assert torch.equal(view, before[f"{block.name}.{name}"]), (family, block.name, name)
+    moe_offload.unpatch(model)
 
 
 @pytest.mark.parametrize("threads", [0, -2, 1.5, "4", True, 10**6])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -46,6 +47,28 @@ class HostMemory:
         self.address = address
         self.memory = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(address), dtype=torch.uint8)
         self._views: dict[tuple[int, tuple[TensorSpec, ...]], SlotViews] = {}
+
+    def stacked(self, addresses: list[int], specs: tuple[TensorSpec, ...]) -> SlotViews | None:
+        """Every expert of a layer at once, as the model's own stacked
+        parameters ([experts, ...] each) viewing the host tier, when the
+        experts' blobs lie at `addresses` one fixed stride apart; else None."""
+        first, count = addresses[0], len(addresses)
+        stride = addresses[1] - first if count > 1 else 1
+        if stride <= 0 or any(a != first + i * stride for i, a in enumerate(addresses)):
+            return None
+        start = first - self.address
+        stacked = {}
+        for spec in specs:
+            size = spec.dtype.itemsize
+            if stride % size or spec.offset % size or start % size:
+                return None
+            typed = self.memory[start : start + count * stride].view(spec.dtype)
+            inner = [math.prod(spec.shape[i + 1 :]) for i in range(len(spec.shape))]
+            # as_strided counts its offset from the start of the storage.
+            offset = typed.storage_offset() + spec.offset // size
+            view = typed.as_strided((count, *spec.shape), (stride // size, *inner), offset)
+            stacked[spec.name] = nn.Parameter(view, requires_grad=False)
+        return stacked
 
     def views(self, address: int, specs: tuple[TensorSpec, ...]) -> SlotViews:
         """The expert blob at host `address` as tensors; built once per blob
@@ -181,6 +204,40 @@ class LayerRuntime:
     def observe(self, routing: np.ndarray) -> None:
         """This step's routing at this layer: (tokens, top_k) expert ids."""
         self.tracker.observe(self.layer, routing)
+
+    def in_place(self, num_experts: int) -> SlotViews | None:
+        """The layer's experts as stacked views of the host tier, when the CPU
+        runs every one of them where it lies (a CPU device without slots,
+        every expert in host memory); else None."""
+        if self.capacity > 0 or self.device.type != "cpu" or self.cache.host_slots > 0:
+            return None
+        addresses = []
+        for expert in range(num_experts):
+            addresses.append(self.cache.host_acquire(self.layer, expert))
+            self.cache.host_release(self.layer, expert)
+        return self.host.stacked(addresses, self.specs)
+
+    def run_in_place(
+        self, experts: list[int], tokens: list[int], compute: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """Runs the whole layer at once on the CPU (`compute`, over the views
+        from `in_place`), booked as `experts` run on the CPU; their host
+        bytes are held meanwhile."""
+        self.cache.place(self.layer, experts, tokens)
+        held = 0
+        try:
+            for expert in experts:
+                self.cache.host_acquire(self.layer, expert)
+                held += 1
+            with torch_threads(self.cpu_threads):
+                started = time.perf_counter()
+                output = compute()
+                # The whole layer's time: counted, but no single expert's cost.
+                self.cache.record_cpu(0, time.perf_counter() - started)
+        finally:
+            for expert in experts[:held]:
+                self.cache.host_release(self.layer, expert)
+        return output
 
     def _stream(self) -> int:
         if self.device.type == "cuda":

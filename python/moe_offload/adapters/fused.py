@@ -9,7 +9,8 @@ expert in ascending order, with each expert's weights read from its slot."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,6 +70,9 @@ class FusedExperts(ExpertBlock):
         self.specs, self.expert_bytes = pack([(n, tuple(p.shape[1:]), p.dtype) for n, p in params])
         self._originals: dict[str, nn.Parameter] = {}
         self._config_implementation: str | None = None
+        # Read before any block is offloaded: the layers share one config,
+        # which offloading points at moe-offload's implementation.
+        self._model_implementation: str | None = module.config._experts_implementation
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.module._parameters[n] for n in self.names]
@@ -89,6 +93,12 @@ class FusedExperts(ExpertBlock):
         config = self.module.config
         self._config_implementation = config._experts_implementation
         config._experts_implementation = IMPLEMENTATION
+        stacked = runtime.in_place(self.num_experts)
+        if stacked is not None:
+            # The model's own implementation, run over the host tier's views.
+            original = type(self.module).forward.__wrapped__
+            implementation = ALL_EXPERTS_FUNCTIONS.get_interface(self._model_implementation, original)
+            self.module._moe_offload_in_place = InPlace(implementation, stacked)
 
     @property
     def input_features(self) -> int:
@@ -103,7 +113,26 @@ class FusedExperts(ExpertBlock):
         for name in self.names:
             self.module._parameters[name] = refill(self._originals.pop(name), tensors[name])
         del self.module._moe_offload
+        self.module.__dict__.pop("_moe_offload_in_place", None)
         self.module.config._experts_implementation = self._config_implementation
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """A layer whose experts all run on the CPU where they lie: the model's
+    own experts implementation, and every expert's weights as the stacked
+    parameters it expects, viewing the host tier."""
+
+    implementation: Callable[..., torch.Tensor]
+    stacked: dict[str, nn.Parameter]
+
+    def run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+        placeholders = {name: module._parameters[name] for name in self.stacked}
+        module._parameters.update(self.stacked)
+        try:
+            return self.implementation(module, *args)
+        finally:
+            module._parameters.update(placeholders)
 
 
 def _project(
@@ -141,6 +170,17 @@ def offloaded_experts_forward(
             "call moe_offload.patch(model)"
         )
     num_experts = self.down_proj.shape[0]
+    in_place: InPlace | None = self.__dict__.get("_moe_offload_in_place")
+    if in_place is not None:
+        routing = top_k_index.to(torch.int64).numpy()
+        runtime.observe(routing)
+        counts = np.bincount(routing.ravel(), minlength=num_experts)
+        used = np.flatnonzero(counts)
+        return runtime.run_in_place(
+            used.tolist(),
+            counts[used].tolist(),
+            lambda: in_place.run(self, hidden_states, top_k_index, top_k_weights),
+        )
     final_hidden_states = torch.zeros_like(hidden_states)
     on_host = hidden_states.device.type == "cpu"
     with torch.no_grad():

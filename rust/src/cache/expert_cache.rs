@@ -521,6 +521,8 @@ impl ExpertCache {
 
     /// The CPU ran an expert for `tokens` tokens in `seconds`: a
     /// measurement for placing misses, and (with `count`) for `stats`.
+    /// `tokens` 0: a time that is not one expert's (a whole layer run at
+    /// once), counted in `stats` only.
     pub fn record_cpu(&self, tokens: u32, seconds: f64, count: bool) {
         lock(&self.shared.cpu_costs).record(tokens, seconds);
         if count && seconds.is_finite() && seconds > 0.0 {
