@@ -40,8 +40,9 @@ def test_a_layer_runs_hits_from_slots_and_misses_on_the_cpu():
     stats = offloader.stats()
     moe_offload.unpatch(model)
     # Misses ran on the CPU and were copied in the background; later steps
-    # found some of them in slots.
-    assert stats["cpu_experts"] == stats["misses"] > 0 and stats["misses_copied"] == 0
+    # found some of them in slots (a few only on their way: misses waiting
+    # for a copy already running).
+    assert stats["cpu_experts"] > stats["misses_copied"] >= 0
     assert stats["background_copies"] > 0 and stats["hits"] > 0
     # No copy on demand: every copy was a background copy or a prefetch
     # (some may still be in flight).

@@ -54,7 +54,10 @@ def test_patched_model_generates_what_the_plain_model_generates(family, device, 
     if cpu_experts == "never":
         assert stats["cpu_experts"] == 0
     elif cpu_experts == "always" or device == "cpu":
-        assert stats["cpu_experts"] == stats["misses"] > 0, "every miss runs on the CPU"
+        # Every miss runs on the CPU (but one whose background copy or
+        # prefetch is already on its way): no copy on demand.
+        assert stats["cpu_experts"] > 0
+        assert stats["copies"] <= stats["background_copies"] + stats["prefetch_copies"]
     # Unpatched, the model runs its own experts implementation again.
     _, restored_logits = generate(model, inputs)
     assert torch.equal(restored_logits, eager_logits)

@@ -197,12 +197,21 @@ def test_an_interrupt_at_any_bytecode_leaves_no_slot_held(family, cpu_experts):
     counter = InterruptAt(None)
     counter.run(one_pass)
     assert counter.seen > 100, "the protocol's code was traced"
+    # A pass's path (and so its length) depends on where the core placed
+    # each expert, which prefetches and background copies change from pass
+    # to pass: an interrupt beyond a shorter pass's end does not fire.
+    fired = 0
     for at in range(1, counter.seen + 1):
         interrupt = InterruptAt(at)
-        with pytest.raises(KeyboardInterrupt):
+        try:
             interrupt.run(one_pass)
-        assert interrupt.fired
+            raised = False
+        except KeyboardInterrupt:
+            raised = True
+        assert raised == interrupt.fired, "the pass raises exactly the interrupt it was sent"
+        fired += raised
         assert every_slot_free(offloader), f"slots held after an interrupt at bytecode {at}"
+    assert fired >= 0.8 * counter.seen, f"only {fired} of {counter.seen} interrupts fired"
     reference = tokens(build(family), family, seed=1)
     assert torch.equal(tokens(model, family, seed=1), reference)
     assert every_slot_free(offloader)
