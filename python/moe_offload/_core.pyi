@@ -136,6 +136,8 @@ def replay(
     expert_bytes: int,
     bandwidth_bytes_per_s: float,
     layer_compute_s: float,
+    cpu_expert_s: float | None = None,
+    cpu_experts: str = "auto",
     progress: Callable[[int], object] | None = None,
     **planner: object,
 ) -> dict[str, int | float]: ...
