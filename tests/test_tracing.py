@@ -128,3 +128,166 @@ def test_prefetching_copies_ahead_and_leaves_the_tokens_unchanged(tmp_path):
     assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
     rates = stats["layer_hit_rates"]
     assert len(rates) == stats["moe_layers"] == 3 and all(0.0 <= r <= 1.0 for r in rates)
+
+
+def test_a_layout_traces_keyed_requests_across_passes_and_refuses_bad_input(tmp_path):
+    cache, _ = make_cache([(4, 100)])
+    # Two packed requests (top-1): "a" has two rows, "b" one; then one each.
+    cache.set_layout([7, 9], [2, 1])
+    cache.observe(0, [0, 1, 3], top_k=1)
+    cache.set_layout([9, 7], [1, 1])
+    cache.observe(0, [3, 1], top_k=1)
+    with pytest.raises(MoeOffloadError, match=r"gives out 2 token rows but layer 0's routing has 3"):
+        cache.observe(0, [0, 1, 2], top_k=1)
+    with pytest.raises(MoeOffloadError, match="request key 5 is not live"):
+        cache.end_request(5)
+    with pytest.raises(MoeOffloadError, match="one row count per key"):
+        cache.set_layout([1, 2], [1])
+    cache.end_request(9)
+    cache.end_request(7)
+    path = tmp_path / "k.eamc"
+    cache.save_eamc(path)
+    eamc = _core.ActivationCollection.load(path)
+    assert [eamc.entry(i) for i in range(len(eamc))] == [[0, 0, 0, 2], [1, 2, 0, 0]]
+
+
+CB_PROMPTS = [[5, 17, 33, 8, 9], [40, 41, 42], [7, 7, 7, 7, 7, 7, 7, 60, 61], [11, 90, 12, 13, 70, 14]]
+CB_NEW_TOKENS = 6
+
+
+def eamc_entries(path) -> list[list[int]]:
+    eamc = _core.ActivationCollection.load(path)
+    return [eamc.entry(i) for i in range(len(eamc))]
+
+
+def served_alone(model, tmp_path) -> tuple[list[list[int]], list[list[int]], list]:
+    """Each CB prompt through plain `generate` on a fresh patch: its new
+    tokens, its EAMC entry and its recorded routing."""
+    path = tmp_path / "alone.eamc"
+    offloader = moe_offload.patch(model, device="cpu", eamc_path=path)
+    tokens = []
+    with offloader.record_trace(tmp_path / "alone.jsonl"), torch.no_grad():
+        for p in CB_PROMPTS:
+            out = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=CB_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            tokens.append(out[0, len(p) :].tolist())
+    moe_offload.unpatch(model)
+    return tokens, eamc_entries(path), read_trace(tmp_path / "alone.jsonl").requests
+
+
+def serve_continuously(model, offloader, batch_tokens: int) -> tuple[list[str], dict[str, list[int]]]:
+    """Serves the CB prompts through transformers' continuous batching (several
+    requests packed into one pass), the offloader following each pass's
+    layout; returns the request ids in the order they finished (and were
+    ended) and each one's tokens."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    gen_cfg = GenerationConfig(max_new_tokens=CB_NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb_cfg = ContinuousBatchingConfig(
+        num_blocks=16, max_batch_tokens=batch_tokens, page_size=16, max_requests_per_batch=8,
+        use_cuda_graph=False, use_async_batching=False, allow_block_sharing=False,
+    )  # fmt: skip
+    manager = model.init_continuous_batching(generation_config=gen_cfg, continuous_batching_config=cb_cfg)
+
+    packed = []
+
+    def layout():
+        batch = manager.batch_processor
+        if batch is None:
+            return None
+        rows = [(f.state.request_id, f.query_length) for f in batch.inputs_and_outputs.requests_in_batch]
+        packed.append(len(rows))
+        return rows
+
+    offloader.track_requests(layout)
+    ended, tokens = [], {}
+    manager.start()
+    try:
+        for i, p in enumerate(CB_PROMPTS):
+            manager.add_request(p, request_id=f"req_{i}", max_new_tokens=CB_NEW_TOKENS)
+        while len(ended) < len(CB_PROMPTS):
+            out = manager.get_result(timeout=30)
+            assert out is not None, manager.background_thread_status.fatal_error
+            if out.is_finished():
+                offloader.end_request(out.request_id)
+                ended.append(out.request_id)
+                tokens[out.request_id] = list(out.generated_tokens)
+    finally:
+        manager.stop(block=True, timeout=30)
+        offloader.track_requests(None)
+    assert max(packed) > 1, "no pass packed several requests: nothing was tested"
+    return ended, tokens
+
+
+# 64: every prompt in the first pass; 8: prompts prefilled in chunks that
+# share passes with other requests' decoding.
+@pytest.mark.parametrize("batch_tokens", [64, 8])
+def test_continuous_batching_traces_each_request_as_if_served_alone(tmp_path, batch_tokens):
+    model = build("mixtral")
+    alone_tokens, alone_entries, alone_routing = served_alone(model, tmp_path)
+    assert len(alone_entries) == len(CB_PROMPTS)
+
+    path = tmp_path / "cb.eamc"
+    offloader = moe_offload.patch(model, device="cpu", eamc_path=path)
+    with offloader.record_trace(tmp_path / "cb.jsonl"):
+        ended, tokens = serve_continuously(model, offloader, batch_tokens)
+    with pytest.raises(MoeOffloadError, match="'req_0' is not being traced"):
+        offloader.end_request("req_0")
+    offloader.save_eamc()
+    moe_offload.unpatch(model)
+
+    order = [int(key.removeprefix("req_")) for key in ended]
+    assert sorted(order) == list(range(len(CB_PROMPTS)))
+    # Same greedy tokens, so the same routing, request by request.
+    assert [tokens[key] for key in ended] == [alone_tokens[i] for i in order]
+    assert eamc_entries(path) == [alone_entries[i] for i in order]
+    recorded = read_trace(tmp_path / "cb.jsonl").requests
+    assert len(recorded) == len(CB_PROMPTS)
+    for request, i in zip(recorded, order, strict=True):
+        assert request.routing.shape == alone_routing[i].routing.shape
+        # Per token, the same experts (their order within a row may differ).
+        assert (sorted_rows(request.routing) == sorted_rows(alone_routing[i].routing)).all()
+
+
+def sorted_rows(routing):
+    return torch.from_numpy(routing.astype("int64")).sort(dim=-1).values.numpy()
+
+
+def test_plain_generate_traces_one_request_per_sequence_with_or_without_a_layout(tmp_path):
+    model = build("mixtral")
+    inputs = prompt("mixtral")
+    batch = {k: v.repeat(2, 1) for k, v in inputs.items()}
+    batch["input_ids"][1, -3:] = torch.tensor([20, 21, 22])
+    entries = []
+    for i, layout in enumerate([None, lambda: None]):
+        path = tmp_path / f"plain{i}.eamc"
+        offloader = moe_offload.patch(model, device="cpu", eamc_path=path)
+        offloader.track_requests(layout)
+        with torch.no_grad():
+            model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        moe_offload.unpatch(model)
+        entries.append(eamc_entries(path))
+    assert entries[0] == entries[1]
+    assert len(entries[0]) == 2 and entries[0][0] != entries[0][1]
+    # Every position but the last generated token, top-2 in each of 3 layers.
+    passed = inputs["input_ids"].shape[1] + 3
+    assert all(sum(entry) == passed * 2 * 3 for entry in entries[0])
+
+
+def test_a_layout_that_does_not_cover_the_pass_warns_once_and_traces_one_request(tmp_path):
+    model = build("mixtral")
+    path = tmp_path / "bad.eamc"
+    offloader = moe_offload.patch(model, device="cpu", eamc_path=path)
+    offloader.track_requests(lambda: [("a", 1), ("b", 1)])
+    with pytest.warns(RuntimeWarning, match="gives 2 token rows to 2 requests but the pass has 8") as caught:
+        with torch.no_grad():
+            model.generate(**prompt("mixtral"), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert len([w for w in caught if "batch layout" in str(w.message)]) == 1
+    moe_offload.unpatch(model)
+    [entry] = eamc_entries(path)
+    assert sum(entry) == (8 + 2) * 2 * 3

@@ -12,7 +12,7 @@ import time
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -36,6 +36,7 @@ from moe_offload._core import (
 from moe_offload.adapters import SUPPORTED_FAMILIES, ExpertBlock, TensorSpec, find_expert_blocks
 from moe_offload.progress import progress
 from moe_offload.runtime import (
+    BatchLayout,
     GatedMethods,
     HostMemory,
     LayerRuntime,
@@ -174,6 +175,23 @@ class Offloader:
     def eamc_size(self) -> int:
         """Requests in the EAMC."""
         return self.cache.eamc_len
+
+    def track_requests(self, layout: BatchLayout | None) -> None:
+        """Traces requests by `layout`, a callable that returns the coming
+        forward pass's token rows as ``[(request_key, rows), ...]`` in the
+        order they are packed (continuous batching: several requests' tokens
+        in one pass, requests joining and leaving between passes), or None
+        for a pass it does not describe (traced as a plain batch). It is
+        called at the start of every forward pass, on the pass's thread. A
+        key seen for the first time begins a request; `end_request(key)`
+        ends it. None stops following a layout."""
+        self.tracker.layout = layout
+
+    def end_request(self, key: Hashable) -> None:
+        """The request `key` of `track_requests`'s layout finished: its
+        activation matrix joins the EAMC. Call it once no later pass will
+        hold the request's tokens."""
+        self.tracker.end_request(key)
 
     @contextmanager
     def record_trace(self, path: str | Path) -> Iterator[TraceRecorder]:
@@ -460,7 +478,8 @@ def _watch_requests(model: nn.Module, tracker: RequestTracker, device: torch.dev
     per sequence) whenever the model begins one: an encoder-decoder model
     runs its encoder once per request (`generate` calls it on its own, before
     the decoder steps); a decoder-only model starts with a forward pass that
-    has nothing cached yet. The encoder is gated too, since `generate` calls
+    has nothing cached yet, unless a batch layout (`track_requests`) names
+    each pass's requests. The encoder is gated too, since `generate` calls
     it outside the model's forward."""
     gate = PassGate(tracker.cache, device)
     encoder = model.get_encoder() if getattr(model.config, "is_encoder_decoder", False) else None
@@ -478,6 +497,10 @@ def _begin_hook(tracker: RequestTracker, always: bool) -> Any:
         candidates = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None)
         tokens = next((t for t in candidates if isinstance(t, torch.Tensor) and t.dim() >= 2), None)
         if tokens is None:
+            return
+        # Inside the gate, so the layout read is the pass about to run: a
+        # packed (1, total) batch of several requests' tokens, or none.
+        if not always and tracker.follow_layout(tokens.shape[0] * tokens.shape[1]):
             return
         # transformers names the key/value cache `past_key_values` or `cache`.
         past = next((kwargs[k] for k in ("past_key_values", "cache") if kwargs.get(k) is not None), None)

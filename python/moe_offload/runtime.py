@@ -9,8 +9,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moe_offload._core import LATER, ON_CPU, ExpertCache
+from moe_offload._core import LATER, ON_CPU, ExpertCache, MoeOffloadError
 from moe_offload.adapters.base import TensorSpec
 
 SlotViews = dict[str, nn.Parameter]
@@ -116,17 +118,33 @@ class SlotPool:
         return tensor_views(self.memory, slot * self.slot_bytes, specs)
 
 
+# The coming pass's token rows as (request key, rows) in order, or None.
+BatchLayout = Callable[[], Iterable[tuple[Hashable, int]] | None]
+
+
 class RequestTracker:
-    """Which requests the model is serving: one per sequence of the batch,
-    started when a forward pass begins without cached keys and values. Every
-    MoE layer's routing goes to the core (tracing, planning) and, while a
-    recording is on, to the recorder."""
+    """Which requests the model is serving. A plain batch holds one request
+    per sequence, started when a forward pass begins without cached keys and
+    values. With a `layout` callable (continuous batching: a pass packs
+    several requests' tokens, and requests join and leave between passes),
+    each pass's rows go to the requests it names, keyed, until `end_request`.
+    Every MoE layer's routing goes to the core (tracing, planning) and, while
+    a recording is on, to the recorder."""
 
     def __init__(self, cache: ExpertCache) -> None:
         self.cache = cache
         self.recorder: TraceRecorder | None = None
+        self.layout: BatchLayout | None = None
+        # The core takes integer keys; callers name requests by any hashable.
+        self._ids: dict[Hashable, int] = {}
+        self._next_id = 0
+        self._keyed_pass = False
+        self._warned = False
+        # end_request may come from another thread than the passes.
+        self._lock = threading.Lock()
 
     def begin(self, batch: int) -> None:
+        self._keyed_pass = False
         self.cache.begin_requests(batch)
         if self.recorder is not None:
             self.recorder.begin(batch)
@@ -136,6 +154,70 @@ class RequestTracker:
         if self.recorder is not None:
             self.recorder.begin(0)
 
+    def follow_layout(self, rows: int) -> bool:
+        """Asks `layout` for the coming pass of `rows` token rows and has the
+        core split its routing so; False when there is no layout for it (the
+        caller goes on as for a plain batch)."""
+        layout = self.layout() if self.layout is not None else None
+        if layout is not None:
+            layout = [(key, int(n)) for key, n in layout]
+            if sum(n for _, n in layout) == rows:
+                self._set_layout(layout)
+                return True
+            self._warn_mismatch(layout, rows)
+        if self._keyed_pass:
+            self._keyed_pass = False
+            self.cache.clear_layout()
+            if self.recorder is not None:
+                self.recorder.set_layout(None)
+        return False
+
+    def _set_layout(self, layout: list[tuple[Hashable, int]]) -> None:
+        with self._lock:
+            ids = []
+            for key, _ in layout:
+                if key not in self._ids:
+                    self._ids[key] = self._next_id
+                    self._next_id += 1
+                ids.append(self._ids[key])
+            rows = [n for _, n in layout]
+            self.cache.set_layout(ids, rows)
+            self._keyed_pass = True
+            if self.recorder is not None:
+                self.recorder.set_layout(list(zip(ids, rows, strict=True)))
+
+    def _warn_mismatch(self, layout: list[tuple[Hashable, int]], rows: int) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"moe-offload: the batch layout gives {sum(n for _, n in layout)} token rows to "
+            f"{len(layout)} requests but the pass has {rows}; this pass and any other like it is "
+            "traced as one request. Return the pass's requests in the order its tokens are packed, "
+            "or None for a pass the layout does not describe.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+    def end_request(self, key: Hashable) -> None:
+        """The request `key` of a layout finished: its activation matrix
+        joins the EAMC."""
+        with self._lock:
+            if key not in self._ids:
+                raise MoeOffloadError(
+                    f"request {key!r} is not being traced: no batch layout named it, or it has ended already"
+                )
+            request = self._ids.pop(key)
+            self.cache.end_request(request)
+            if self.recorder is not None:
+                self.recorder.end_request(request)
+
+    @property
+    def live_keys(self) -> list[Hashable]:
+        """The layout's requests that have not ended."""
+        with self._lock:
+            return list(self._ids)
+
     def observe(self, layer: int, routing: np.ndarray) -> None:
         top_k = routing.shape[-1]
         self.cache.observe(layer, routing.ravel().tolist(), top_k)
@@ -144,36 +226,68 @@ class RequestTracker:
 
 
 class TraceRecorder:
-    """Collects live routing as native trace requests (see `moe_offload.traces`)."""
+    """Collects live routing as native trace requests (see `moe_offload.traces`):
+    per sequence of a plain batch, or per keyed request of a layout."""
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
         self.finished: list[np.ndarray] = []
         self._live: list[list[list[np.ndarray]]] = []
+        self._keyed: dict[int, list[list[np.ndarray]]] = {}
+        self._layout: list[tuple[int, int]] | None = None
 
     def begin(self, batch: int) -> None:
         self._flush()
-        self._live = [[[] for _ in range(self.num_layers)] for _ in range(batch)]
+        self._layout = None
+        self._live = [self._new_request() for _ in range(batch)]
+
+    def set_layout(self, layout: list[tuple[int, int]] | None) -> None:
+        """The coming passes' rows, as (request id, rows) in order; None:
+        split equally among the plain batch's requests."""
+        self._layout = layout
+        for request, _ in layout or []:
+            self._keyed.setdefault(request, self._new_request())
+
+    def end_request(self, request: int) -> None:
+        if request in self._keyed:
+            self._finish(self._keyed.pop(request))
 
     def observe(self, layer: int, routing: np.ndarray) -> None:
+        rows = routing.reshape(-1, routing.shape[-1])
+        if self._layout is not None:
+            start = 0
+            for request, n in self._layout:
+                if request in self._keyed:
+                    self._keyed[request][layer].append(rows[start : start + n])
+                start += n
+            return
         if not self._live:
             self.begin(1)
-        rows = routing.reshape(-1, routing.shape[-1])
         per_request = rows.shape[0] // len(self._live)
         for i, request in enumerate(self._live):
             request[layer].append(rows[i * per_request : (i + 1) * per_request])
 
+    def _new_request(self) -> list[list[np.ndarray]]:
+        return [[] for _ in range(self.num_layers)]
+
+    def _finish(self, request: list[list[np.ndarray]]) -> None:
+        if request and all(request):
+            layers = [np.concatenate(rows) for rows in request]
+            tokens = min(len(rows) for rows in layers)
+            self.finished.append(np.stack([rows[:tokens] for rows in layers], axis=1).astype(np.int32))
+
     def _flush(self) -> None:
         for request in self._live:
-            if request and all(request):
-                layers = [np.concatenate(rows) for rows in request]
-                tokens = min(len(rows) for rows in layers)
-                self.finished.append(np.stack([rows[:tokens] for rows in layers], axis=1).astype(np.int32))
+            self._finish(request)
         self._live = []
 
     def requests(self) -> list[np.ndarray]:
-        """Every request recorded so far, (tokens, layers, top_k) each."""
+        """Every request recorded so far, (tokens, layers, top_k) each; keyed
+        requests still live are included as far as they got."""
         self._flush()
+        for request in self._keyed.values():
+            self._finish(request)
+        self._keyed = {}
         return self.finished
 
 

@@ -604,6 +604,34 @@ impl ExpertCache {
         }
     }
 
+    /// The next passes' token rows belong, in order, to the requests `keys`
+    /// (`rows[i]` rows each), until the next layout or plain batch: a key not
+    /// live yet begins a request, which stays live across passes until
+    /// [`end_request`](Self::end_request). For continuous batching, where a
+    /// pass packs several requests' tokens and requests come and go.
+    pub fn set_layout(&self, keys: &[u64], rows: &[usize]) -> Result<()> {
+        match &self.planning {
+            Some(planning) => planning.set_layout(keys, rows),
+            None => crate::trace::live::check_layout(keys, rows),
+        }
+    }
+
+    /// Back to splitting rows equally among the plain batch's requests.
+    pub fn clear_layout(&self) -> Result<()> {
+        match &self.planning {
+            Some(planning) => planning.clear_layout(),
+            None => Ok(()),
+        }
+    }
+
+    /// The keyed request `key` finished: its activation matrix joins the EAMC.
+    pub fn end_request(&self, key: u64) -> Result<()> {
+        match &self.planning {
+            Some(planning) => planning.end_request(key),
+            None => Ok(()),
+        }
+    }
+
     /// A MoE layer's routing (`top_k` ids per token row, batch-major). The
     /// planner thread traces it into each live request's activation matrix
     /// and re-plans the prefetches for the layers ahead while the caller

@@ -332,6 +332,22 @@ impl PyExpertCache {
         self.cache.end_requests().map_err(to_py)
     }
 
+    /// The next passes' token rows belong, in order, to the requests
+    /// `keys` (`rows[i]` rows each); a key not live yet begins a request.
+    fn set_layout(&self, keys: Vec<u64>, rows: Vec<usize>) -> PyResult<()> {
+        self.cache.set_layout(&keys, &rows).map_err(to_py)
+    }
+
+    /// Back to splitting rows equally among the plain batch's requests.
+    fn clear_layout(&self) -> PyResult<()> {
+        self.cache.clear_layout().map_err(to_py)
+    }
+
+    /// The keyed request `key` finished: its activation matrix joins the EAMC.
+    fn end_request(&self, key: u64) -> PyResult<()> {
+        self.cache.end_request(key).map_err(to_py)
+    }
+
     /// Traces one MoE layer's routing (`top_k` ids per token row,
     /// batch-major) and re-plans the prefetches for the layers ahead.
     fn observe(&self, py: Python<'_>, layer: u32, ids: Vec<u32>, top_k: usize) -> PyResult<()> {

@@ -5,11 +5,12 @@
 //! (a backlog of layers is traced in full but planned once, so it cannot
 //! fall behind) and passes the plan to the cache.
 
+use std::collections::HashSet;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::live::{check_batch, LiveTracer};
+use super::live::{check_batch, check_layout, check_rows, unknown_key, LiveTracer, RequestKey};
 use crate::error::{CoreError, Result};
 use crate::layout::ExpertId;
 use crate::planner::Timing;
@@ -18,6 +19,9 @@ use crate::planner::Timing;
 enum Event {
     Begin(usize),
     End,
+    Layout(Vec<RequestKey>, Vec<usize>),
+    ClearLayout,
+    EndKey(RequestKey),
     Observe {
         layer: usize,
         ids: Vec<u32>,
@@ -39,6 +43,19 @@ pub struct PlanningThread {
     failure: Arc<Mutex<Option<String>>>,
     /// Bytes one live request takes, to check a batch before it is sent.
     request_bytes: usize,
+    /// What the planner thread will know once it catches up, kept here so
+    /// that a bad key or row count is refused on the caller's thread (an
+    /// error on the planner thread would stop all tracing).
+    keyed: Mutex<KeyedState>,
+}
+
+#[derive(Default)]
+struct KeyedState {
+    live: HashSet<RequestKey>,
+    /// The current layout's rows in all; `None` when there is none.
+    rows: Option<usize>,
+    /// Requests of the plain batch.
+    plain: usize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,6 +84,7 @@ impl PlanningThread {
             tracer,
             failure,
             request_bytes,
+            keyed: Mutex::new(KeyedState::default()),
         })
     }
 
@@ -85,15 +103,55 @@ impl PlanningThread {
     /// Starts `n` requests; a batch too large to trace is refused here, on
     /// the caller's thread, and the live requests go on.
     pub fn begin_requests(&self, n: usize) -> Result<()> {
-        check_batch(n, self.request_bytes)?;
-        self.send(Event::Begin(n))
+        let mut keyed = lock(&self.keyed);
+        check_batch(n + keyed.live.len(), self.request_bytes)?;
+        self.send(Event::Begin(n))?;
+        keyed.rows = None;
+        keyed.plain = n.max(1);
+        Ok(())
+    }
+
+    /// The next passes' rows belong, in order, to the requests `keys`
+    /// (`rows[i]` rows each); a key not live yet begins a request.
+    pub fn set_layout(&self, keys: &[RequestKey], rows: &[usize]) -> Result<()> {
+        check_layout(keys, rows)?;
+        let mut keyed = lock(&self.keyed);
+        let new = keys.iter().filter(|k| !keyed.live.contains(k)).count();
+        check_batch(keyed.plain + keyed.live.len() + new, self.request_bytes)?;
+        self.send(Event::Layout(keys.to_vec(), rows.to_vec()))?;
+        keyed.live.extend(keys);
+        keyed.rows = Some(rows.iter().sum());
+        Ok(())
+    }
+
+    /// Back to splitting rows among the plain batch's requests.
+    pub fn clear_layout(&self) -> Result<()> {
+        let mut keyed = lock(&self.keyed);
+        self.send(Event::ClearLayout)?;
+        keyed.rows = None;
+        Ok(())
+    }
+
+    /// The keyed request finished: its activation matrix joins the EAMC.
+    pub fn end_request(&self, key: RequestKey) -> Result<()> {
+        let mut keyed = lock(&self.keyed);
+        if !keyed.live.contains(&key) {
+            return Err(unknown_key(key));
+        }
+        self.send(Event::EndKey(key))?;
+        keyed.live.remove(&key);
+        Ok(())
     }
 
     pub fn end_requests(&self) -> Result<()> {
-        self.send(Event::End)
+        let mut keyed = lock(&self.keyed);
+        self.send(Event::End)?;
+        keyed.plain = 0;
+        Ok(())
     }
 
-    /// Hands one layer's routing over (checked by the caller).
+    /// Hands one layer's routing over (its ids checked by the caller; its
+    /// row count against the layout here).
     pub fn observe(
         &self,
         layer: usize,
@@ -101,6 +159,9 @@ impl PlanningThread {
         top_k: usize,
         timing: Option<Timing>,
     ) -> Result<()> {
+        if let (Some(rows), true) = (lock(&self.keyed).rows, top_k > 0) {
+            check_rows(rows, ids.len() / top_k, layer)?;
+        }
         self.send(Event::Observe {
             layer,
             ids,
@@ -153,6 +214,12 @@ fn serve(
                     newest = None;
                     tracer.end_requests()
                 }
+                Event::Layout(keys, rows) => tracer.set_layout(&keys, &rows),
+                Event::ClearLayout => {
+                    tracer.clear_layout();
+                    Ok(())
+                }
+                Event::EndKey(key) => tracer.end_request(key),
                 Event::Observe {
                     layer,
                     ids,
@@ -247,6 +314,53 @@ mod tests {
         }
         thread.begin_requests(2).unwrap();
         thread.observe(0, vec![1, 3], 1, None).unwrap();
+        thread.end_requests().unwrap();
+        assert_eq!(thread.settled().unwrap().planner().collection().len(), 2);
+    }
+
+    #[test]
+    fn keyed_requests_are_traced_by_the_layout_across_passes() {
+        let planner = Planner::new(1, 4, PlannerConfig::default()).unwrap();
+        let thread = PlanningThread::spawn(LiveTracer::new(planner), None).unwrap();
+        thread.set_layout(&[10, 20], &[1, 2]).unwrap();
+        thread.observe(0, vec![0, 1, 1], 1, None).unwrap();
+        thread.set_layout(&[20, 30], &[1, 1]).unwrap();
+        thread.observe(0, vec![1, 3], 1, None).unwrap();
+        thread.end_request(20).unwrap();
+        thread.end_request(10).unwrap();
+        thread.end_request(30).unwrap();
+        let tracer = thread.settled().unwrap();
+        let eamc = tracer.planner().collection();
+        let entries: Vec<_> = (0..eamc.len())
+            .map(|i| eamc.entry(i).counts().to_vec())
+            .collect();
+        assert_eq!(
+            entries,
+            vec![vec![0, 3, 0, 0], vec![1, 0, 0, 0], vec![0, 0, 0, 1]]
+        );
+    }
+
+    #[test]
+    fn bad_keys_and_row_counts_are_refused_at_once_and_tracing_goes_on() {
+        let planner = Planner::new(2, 4, PlannerConfig::default()).unwrap();
+        let thread = PlanningThread::spawn(LiveTracer::new(planner), None).unwrap();
+        let error = thread.end_request(4).unwrap_err().to_string();
+        assert!(error.contains("request key 4 is not live"), "{error}");
+        thread.set_layout(&[4], &[2]).unwrap();
+        let error = thread
+            .observe(1, vec![0, 1, 2], 1, None)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("gives out 2 token rows"), "{error}");
+        assert!(error.contains("layer 1's routing has 3"), "{error}");
+        assert!(thread.set_layout(&[5, 5], &[1, 1]).is_err());
+        // None of those reached the planner thread: tracing goes on.
+        thread.observe(0, vec![0, 1], 1, None).unwrap();
+        thread.end_request(4).unwrap();
+        assert!(thread.end_request(4).is_err());
+        // A plain batch after the layout splits rows equally again.
+        thread.begin_requests(1).unwrap();
+        thread.observe(0, vec![2, 2, 2], 1, None).unwrap();
         thread.end_requests().unwrap();
         assert_eq!(thread.settled().unwrap().planner().collection().len(), 2);
     }
