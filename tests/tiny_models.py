@@ -202,3 +202,34 @@ def prompt(family: str, seed: int = 0, length: int = 8) -> dict[str, torch.Tenso
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, COMMON["vocab_size"], (1, length), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }} : {{ message['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+SENTENCES = (
+    "the quick brown fox jumps over the lazy dog",
+    "a cache of experts keeps the hot ones close",
+    "user asks and assistant answers : hello there",
+)
+
+
+def word_tokenizer(vocab_size: int = COMMON["vocab_size"]) -> tf.PreTrainedTokenizerFast:
+    """A word-level tokenizer with exactly `vocab_size` distinct words (so
+    every id a tiny model can emit decodes to its own word), built offline
+    from a few sentences plus filler words, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos as in COMMON
+    for word in " ".join(SENTENCES).split():
+        if word not in words:
+            words.append(word)
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

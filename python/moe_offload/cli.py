@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     _convert_parser(commands)
     _replay_parser(commands)
     _bench_parser(commands)
+    _serve_parser(commands)
     for command in commands.choices.values():
         # Also after the command (`moe-offload bench -v`); SUPPRESS keeps a
         # flag given before the command.
@@ -111,6 +112,19 @@ def _bench_parser(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e2e.add_arguments(bench)
+
+
+def _serve_parser(commands: argparse._SubParsersAction) -> None:
+    from moe_offload.serve import command
+
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (completions, chat) over an offloaded model",
+        description="Loads the model with its experts offloaded and serves /v1/completions, "
+        "/v1/chat/completions, /v1/models, /health and /metrics, batching requests continuously. "
+        'Needs the serve extra: pip install "moe-offload[serve]".',
+    )
+    command.add_arguments(serve)
 
 
 def _replay_parser(commands: argparse._SubParsersAction) -> None:
@@ -258,6 +272,10 @@ def _run(args: argparse.Namespace) -> int:
         from moe_offload.bench import e2e
 
         return e2e.main(args)
+    if args.command == "serve":
+        from moe_offload.serve import command
+
+        return command.run(args)
     return 1
 
 

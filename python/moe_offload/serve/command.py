@@ -1,0 +1,142 @@
+"""`moe-offload serve`: the arguments and the process around the server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from moe_offload._core import MoeOffloadError
+
+log = logging.getLogger("moe_offload")
+
+API_KEY_ENV = "MOE_OFFLOAD_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moe_offload.offloader import CPU_EXPERTS, POLICIES
+    from moe_offload.serve.engine import EngineConfig
+
+    defaults = EngineConfig()
+    parser.add_argument("path", help="checkpoint directory (config, safetensors, tokenizer) or expert store")
+    parser.add_argument(
+        "--device", help="where the model runs: cpu, cuda, cuda:N (default: cuda if available)"
+    )
+    parser.add_argument("--device-budget", metavar="SIZE", help="bytes of device expert slots, e.g. 20GiB")
+    parser.add_argument("--host-budget", metavar="SIZE", help="bytes of the host expert cache, e.g. 48GiB")
+    parser.add_argument(
+        "--store-dir", metavar="DIR", help="expert store of the checkpoint (converted on first use)"
+    )
+    parser.add_argument(
+        "--policy", choices=POLICIES, default=POLICIES[0], help="cache policy (default: %(default)s)"
+    )
+    parser.add_argument("--eamc-path", metavar="FILE", help="EAMC file, read at start and saved at shutdown")
+    parser.add_argument(
+        "--cpu-experts", choices=CPU_EXPERTS, default="auto", help="where misses run (default: %(default)s)"
+    )
+    parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: PATH)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--served-model-name", metavar="NAME", help="the model's name in the API (default: PATH's name)"
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else none)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=defaults.max_queue,
+        metavar="N",
+        help="requests held at once, running or waiting; more get 429 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=defaults.max_batch_tokens,
+        metavar="N",
+        help="tokens in one forward pass, prefill and decode together (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        default=defaults.kv_cache_tokens,
+        metavar="N",
+        help="tokens the KV cache holds over all requests (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds running requests get to finish after SIGTERM/SIGINT before they are cancelled "
+        "(default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from moe_offload.serve.server import Server
+    except ImportError:
+        raise MoeOffloadError(
+            'moe-offload serve needs FastAPI and uvicorn: pip install "moe-offload[serve]"'
+        ) from None
+    from transformers import AutoTokenizer
+
+    import moe_offload
+    from moe_offload.serve.app import build_app
+    from moe_offload.serve.engine import Engine, EngineConfig
+
+    _check_numbers(args)
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    tokenizer_dir = Path(args.tokenizer or args.path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    model, offloader = moe_offload.from_pretrained(
+        args.path,
+        device=args.device,
+        device_budget=args.device_budget,
+        host_budget=args.host_budget,
+        store_dir=args.store_dir,
+        policy=args.policy,
+        eamc_path=args.eamc_path,
+        cpu_experts=args.cpu_experts,
+    )
+    config = EngineConfig(
+        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue
+    )
+    engine = Engine(model, offloader, tokenizer, config)
+    name = args.served_model_name or Path(args.path).resolve().name
+    app = build_app(engine, name, api_key, shutdown_timeout=args.shutdown_grace)
+    server = Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=max(1, round(args.shutdown_grace)),
+        )
+    )
+    log.warning("moe-offload serve: %s on http://%s:%d/v1", name, args.host, args.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for option, value in (
+        ("--max-queue", args.max_queue),
+        ("--max-batch-tokens", args.max_batch_tokens),
+        ("--kv-cache-tokens", args.kv_cache_tokens),
+    ):
+        if value < 1:
+            raise MoeOffloadError(f"{option} {value} must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise MoeOffloadError(f"--port {args.port} must be in 0..65535")
+    if not args.shutdown_grace >= 0:
+        raise MoeOffloadError(
+            f"--shutdown-grace {args.shutdown_grace} must be a number of seconds, at least 0"
+        )

@@ -1,0 +1,375 @@
+"""`moe-offload serve` as a real process on a tiny random Mixtral with a local
+word-level tokenizer, driven over HTTP with the official `openai` client
+(and httpx for what the client hides: raw bodies, headers, disconnects)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tiny_models
+import torch
+
+pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)")
+pytest.importorskip("uvicorn", reason="needs the serve extra (fastapi, uvicorn)")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+MODEL = "tiny"
+API_KEY = "test-key"
+CONTEXT = 16384  # the model's; longer than the KV cache, so both limits can be hit apart
+KV_CACHE_TOKENS = 8192
+MAX_QUEUE = 16
+START_TIMEOUT_S = 90
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen
+    eamc: Path
+    log: Path
+    model: torch.nn.Module
+    tokenizer: object
+
+    def client(self, key: str | None = API_KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+    def post(
+        self, path: str, body: object, key: str | None = API_KEY, raw: bytes | None = None
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+        content = raw if raw is not None else json.dumps(body).encode()
+        return httpx.post(f"{self.url}{path}", content=content, headers=headers, timeout=60)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return {m[1]: float(m[2]) for m in re.finditer(r"^(moe_offload_\w+) (\S+)$", text, re.M)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = root / "tiny-mixtral"
+    model = tiny_models.build("mixtral")
+    model.config.max_position_embeddings = CONTEXT
+    tokenizer = tiny_models.word_tokenizer()
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    port, eamc, log = _free_port(), root / "eamc.bin", root / "server.log"
+    command = [sys.executable, "-m", "moe_offload.cli", "serve", str(checkpoint), "--device", "cpu"]
+    command += ["--port", str(port), "--served-model-name", MODEL, "--eamc-path", str(eamc)]
+    command += ["--max-queue", str(MAX_QUEUE), "--kv-cache-tokens", str(KV_CACHE_TOKENS)]
+    # The key through the environment, as a deployment would pass it.
+    env = dict(os.environ, MOE_OFFLOAD_API_KEY=API_KEY)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    served = Served(f"http://127.0.0.1:{port}", process, eamc, log, model, tokenizer)
+    try:
+        _wait_healthy(served)
+        yield served
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(served: Served) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if served.process.poll() is not None:
+            pytest.fail(f"the server exited with {served.process.returncode}:\n{served.log.read_text()}")
+        try:
+            if httpx.get(f"{served.url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{served.log.read_text()}")
+
+
+def _expected(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
+    """What plain greedy `generate` gives `prompt` alone (stopping at EOS, as the server)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _complete(served: Served, job: dict) -> dict:
+    """Runs one request of the mixed workload with the openai client; returns
+    its token ids, text, usage and finish reason however it was served."""
+    client = served.client()
+    common = dict(
+        model=MODEL, max_tokens=job["max_tokens"], temperature=0, extra_body={"return_token_ids": True}
+    )
+    if job["chat"]:
+        call = client.chat.completions.create
+        args = dict(common, messages=job["messages"])
+    else:
+        call = client.completions.create
+        args = dict(common, prompt=job["prompt"])
+    if not job["stream"]:
+        response = call(**args)
+        choice = response.choices[0]
+        text = choice.message.content if job["chat"] else choice.text
+        return dict(tokens=choice.token_ids, text=text, usage=response.usage, finish=choice.finish_reason)
+    tokens, text, usage, finish, chunks = [], [], None, None, 0
+    for chunk in call(**args, stream=True):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        chunks += 1
+        tokens += choice.token_ids
+        text.append((choice.delta.content or "") if job["chat"] else choice.text)
+        finish = choice.finish_reason or finish
+    assert chunks == len(tokens), "one chunk per token"
+    return dict(tokens=tokens, text="".join(text), usage=usage, finish=finish)
+
+
+def _jobs(tokenizer: object) -> list[dict]:
+    jobs = []
+    words = [w for w in tokenizer.get_vocab() if not w.startswith("<")]
+    for i in range(16):
+        length, max_tokens = 3 + i, 8 + i % 5
+        chat, stream = i % 4 >= 2, i % 2 == 1
+        job = dict(chat=chat, stream=stream, max_tokens=max_tokens)
+        if chat:
+            job["messages"] = [
+                {"role": "user", "content": " ".join(words[(i + k) % len(words)] for k in range(length))}
+            ]
+            job["ids"] = list(
+                tokenizer.apply_chat_template(job["messages"], add_generation_prompt=True, return_dict=False)
+            )
+        elif i % 8 == 0:  # a text prompt
+            job["prompt"] = " ".join(words[(3 * i + k) % len(words)] for k in range(length))
+            job["ids"] = tokenizer.encode(job["prompt"])
+        else:  # token ids
+            job["prompt"] = [(7 * i + 5 * k) % 90 + 4 for k in range(length)]
+            job["ids"] = job["prompt"]
+        jobs.append(job)
+    return jobs
+
+
+def test_lists_the_model(served: Served) -> None:
+    assert [m.id for m in served.client().models.list().data] == [MODEL]
+
+
+def test_concurrent_requests_get_what_the_model_gives_each_alone(served: Served) -> None:
+    jobs = _jobs(served.tokenizer)
+    eamc_before = served.metrics()["moe_offload_eamc_requests"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: _complete(served, job), jobs))
+    for job, got in zip(jobs, results, strict=True):
+        want = _expected(served.model, job["ids"], job["max_tokens"])
+        assert got["tokens"] == want, job
+        assert got["text"] == served.tokenizer.decode(want, skip_special_tokens=True)
+        assert got["finish"] == ("stop" if want[-1] == 2 else "length")
+        usage = got["usage"]
+        assert (usage.prompt_tokens, usage.completion_tokens) == (len(job["ids"]), len(want))
+        assert usage.total_tokens == len(job["ids"]) + len(want)
+    metrics = served.metrics()
+    assert metrics["moe_offload_requests_running"] == 0
+    from moe_offload.offloader import Offloader
+
+    if hasattr(Offloader, "track_requests"):  # per-request tracing under batching
+        assert metrics["moe_offload_eamc_requests"] == eamc_before + len(jobs)
+
+
+def _sampled(served: Served, seed: int | None, temperature: float = 1.5) -> list[int]:
+    response = served.client().completions.create(
+        model=MODEL,
+        prompt=[5, 9, 14, 20],
+        max_tokens=12,
+        temperature=temperature,
+        seed=seed,
+        extra_body={"return_token_ids": True},
+    )
+    return response.choices[0].token_ids
+
+
+def test_a_seed_gives_the_same_tokens_alone_and_in_a_batch(served: Served) -> None:
+    alone = _sampled(served, 7)
+    with ThreadPoolExecutor(4) as pool:
+        batch = list(pool.map(lambda s: _sampled(served, s, 1.5 if s else 0), [11, 7, None, 8]))
+    assert batch[1] == alone
+    assert batch[0] != alone and batch[3] != alone  # other seeds, other draws
+    assert batch[2] == _expected(served.model, [5, 9, 14, 20], 12)  # greedy beside them
+
+
+def test_stop_string_ends_the_completion_before_it(served: Served) -> None:
+    body = dict(model=MODEL, prompt=[5, 9, 14, 20], max_tokens=12, temperature=0)
+    full = served.post("/v1/completions", body).json()["choices"][0]["text"]
+    words = full.split(" ")
+    # The first word after the first that does not occur in the text before it.
+    at = next(i for i in range(1, len(words)) if words[i] not in " ".join(words[:i]))
+    stopped = served.post("/v1/completions", dict(body, stop=["zzz", words[at]])).json()
+    assert stopped["choices"][0]["text"] == " ".join(words[:at]) + " "
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+
+
+def _error(response: httpx.Response, status: int, kind: str, param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == kind and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_bad_requests_get_400_and_the_server_carries_on(served: Served) -> None:
+    good = dict(model=MODEL, prompt=[5, 9, 14, 20], max_tokens=6, temperature=0)
+    bad = "invalid_request_error"
+    _error(served.post("/v1/completions", None, raw=b'{"model": "tiny", "prompt": [1,'), 400, bad)
+    _error(served.post("/v1/completions", [1, 2]), 400, bad)
+    _error(served.post("/v1/completions", dict(good, max_tokens="6")), 400, bad, "max_tokens")
+    _error(served.post("/v1/completions", dict(good, temperature="hot")), 400, bad, "temperature")
+    _error(served.post("/v1/completions", dict(good, model="gpt-4")), 400, bad, "model")
+    _error(served.post("/v1/completions", dict(good, max_tokens=0)), 400, bad, "max_tokens")
+    _error(served.post("/v1/completions", dict(good, n=2)), 400, bad, "n")
+    _error(served.post("/v1/chat/completions", dict(good, messages=[])), 400, bad, "messages")
+    error = _error(served.post("/v1/completions", dict(good, max_tokens=CONTEXT)), 400, bad, "max_tokens")
+    assert "context" in error["message"] and error["code"] == "context_length_exceeded"
+    error = _error(served.post("/v1/completions", dict(good, max_tokens=KV_CACHE_TOKENS)), 400, bad)
+    assert "KV cache" in error["message"]
+    _error(served.post("/v1/completions", dict(good, prompt=[5, 999])), 400, bad, "prompt")
+    with pytest.raises(openai.BadRequestError):
+        served.client().completions.create(model=MODEL, prompt="the fox", max_tokens=-1)
+    response = served.post("/v1/completions", good)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["text"] == served.tokenizer.decode(
+        _expected(served.model, good["prompt"], 6), skip_special_tokens=True
+    )
+
+
+def test_missing_or_wrong_api_key_gets_401(served: Served) -> None:
+    body = dict(model=MODEL, prompt=[5, 9], max_tokens=2)
+    _error(served.post("/v1/completions", body, key=None), 401, "authentication_error")
+    _error(served.post("/v1/completions", body, key="wrong"), 401, "authentication_error")
+    with pytest.raises(openai.AuthenticationError):
+        served.client(key="wrong").models.list()
+    assert httpx.get(f"{served.url}/health", timeout=5).status_code == 200  # probes need no key
+
+
+def _open_stream(stack: ExitStack, served: Served, max_tokens: int) -> httpx.Response:
+    body = dict(model=MODEL, prompt=[5, 9, 14], max_tokens=max_tokens, temperature=0, stream=True)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    client = stack.enter_context(httpx.Client(timeout=30))
+    response = stack.enter_context(
+        client.stream("POST", f"{served.url}/v1/completions", json=body, headers=headers)
+    )
+    assert response.status_code == 200
+    return response
+
+
+def _wait_idle(served: Served, timeout: float = 20) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = served.metrics()
+        if metrics["moe_offload_requests_running"] == 0 and metrics["moe_offload_requests_queued"] == 0:
+            return metrics
+        time.sleep(0.1)
+    pytest.fail("the server still runs requests")
+
+
+def test_a_full_queue_gets_429_with_retry_after(served: Served) -> None:
+    before = served.metrics()
+    with ExitStack() as stack:
+        for _ in range(MAX_QUEUE):
+            _open_stream(stack, served, max_tokens=400)
+        response = served.post("/v1/completions", dict(model=MODEL, prompt=[5], max_tokens=2))
+        _error(response, 429, "rate_limit_error")
+        assert int(response.headers["retry-after"]) >= 1
+    # The streams' clients left: their requests were cancelled, not finished.
+    after = _wait_idle(served)
+    assert after["moe_offload_requests_cancelled_total"] - before["moe_offload_requests_cancelled_total"] > 0
+    assert served.post("/v1/completions", dict(model=MODEL, prompt=[5], max_tokens=2)).status_code == 200
+
+
+def test_a_client_that_disconnects_cancels_its_request(served: Served) -> None:
+    max_tokens = 3000
+    before = served.metrics()
+    with ExitStack() as stack:
+        response = _open_stream(stack, served, max_tokens)
+        lines = response.iter_lines()
+        received = 0
+        while received < 3:
+            received += next(lines).startswith("data: ")
+    after = _wait_idle(served)
+    assert after["moe_offload_requests_cancelled_total"] == before["moe_offload_requests_cancelled_total"] + 1
+    generated = after["moe_offload_generation_tokens_total"] - before["moe_offload_generation_tokens_total"]
+    assert 3 <= generated < max_tokens
+    time.sleep(0.5)  # and nothing goes on generating for it
+    assert (
+        served.metrics()["moe_offload_generation_tokens_total"]
+        == after["moe_offload_generation_tokens_total"]
+    )
+
+
+def test_sigterm_finishes_running_requests_saves_the_eamc_and_exits_0(served: Served) -> None:
+    """Last: it stops the module's server."""
+    result: dict = {}
+
+    def run() -> None:
+        result.update(_complete(served, dict(chat=False, stream=True, max_tokens=60, prompt=[5, 9, 14])))
+
+    client = threading.Thread(target=run)
+    client.start()
+    deadline = time.monotonic() + 10
+    while served.metrics()["moe_offload_requests_running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=30) == 0, served.log.read_text()
+    client.join(timeout=10)
+    assert result["tokens"] == _expected(served.model, [5, 9, 14], 60)  # finished within the grace period
+    assert served.eamc.is_file() and served.eamc.stat().st_size > 0, served.log.read_text()
+
+
+def test_incremental_text_equals_the_whole_decode_for_byte_level_tokens() -> None:
+    """Token by token, characters split over tokens (é, emoji) come out whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moe_offload.serve.stream import Detokenizer
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(
+        ["café au lait", "hello world"],
+        trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    text = "un café 🙂 au lait, world"
+    ids = tokenizer.encode(text)
+    detokenizer = Detokenizer(tokenizer)
+    pieces = [detokenizer.add([i]) for i in ids]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
