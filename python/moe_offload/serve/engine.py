@@ -70,6 +70,7 @@ class Engine:
         self._dispatcher: threading.Thread | None = None
         self._trace_lock = threading.Lock()
         self._cancelled: set[str] = set()  # cancelled, their traces not yet ended
+        self._generation_thread: threading.Thread | None = None
         self.manager = model.init_continuous_batching(
             generation_config=GenerationConfig(
                 max_new_tokens=16,  # every request passes its own
@@ -104,7 +105,8 @@ class Engine:
                 raise RuntimeError(f"the generation loop did not start within {_START_TIMEOUT_S:.0f} s")
             time.sleep(0.01)
         self.max_request_tokens = infer_max_single_request_tokens(self.manager.batch_processor.cache)
-        self._install_tracing()
+        # transformers' own attribute; without it every pass is taken for the batch's.
+        self._install_tracing(getattr(self.manager, "_generation_thread", None))
         self._dispatcher = threading.Thread(target=self._dispatch, name="moe-offload-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -235,18 +237,21 @@ class Engine:
 
     # -- per-request tracing -----------------------------------------------------------------------
 
-    def _install_tracing(self) -> None:
+    def _install_tracing(self, generation_thread: threading.Thread | None) -> None:
         """Gives the offloader each pass's packed layout, so that each request
         gets its own activation matrix, matched and joined to the EAMC alone."""
-        track = getattr(self.offloader, "track_requests", None)
-        if track is not None:
-            track(self._batch_layout)
+        if self.offloader is not None:
+            self._generation_thread = generation_thread
+            self.offloader.track_requests(self._batch_layout)
 
-    def _batch_layout(self) -> list[tuple[str, int]]:
+    def _batch_layout(self) -> list[tuple[str, int]] | None:
         """(request id, rows) of each request in the pass about to run, in row
-        order. Runs on the generation thread, with the pass scheduled: a
-        cancelled request missing from the scheduler now never runs again, so
-        its trace can end here."""
+        order; None for a pass that is not the batch's (a `generate` call on
+        another thread). Runs on the generation thread, with the pass
+        scheduled: a cancelled request missing from the scheduler now never
+        runs again, so its trace can end here."""
+        if self._generation_thread not in (None, threading.current_thread()):
+            return None
         processor = self.manager.batch_processor
         scheduler = processor.scheduler
         with self._trace_lock:
@@ -259,11 +264,10 @@ class Engine:
         return [(fs.state.request_id, fs.query_length) for fs in ios.requests_in_batch]
 
     def _end_trace(self, request_id: str) -> None:
-        end_request = getattr(self.offloader, "end_request", None)
-        if end_request is None:
+        if self.offloader is None:
             return
         try:
-            end_request(request_id)
+            self.offloader.end_request(request_id)
         except MoeOffloadError:
             pass  # never in a pass (cancelled while it waited): nothing was traced
 
