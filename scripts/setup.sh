@@ -29,7 +29,7 @@ step "installing torch, transformers, safetensors, numpy, accelerate, matplotlib
     "(about 3 GB to download and 6 GB on disk the first time; later runs only check them)"
 "$PY" -m pip install --quiet "torch>=2.4" "transformers>=5.0" "safetensors>=0.4" "numpy>=1.24" \
     "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" "accelerate>=0.30" "matplotlib>=3.5" "maturin>=1.7,<2" "ruff>=0.6" \
-    "fastapi>=0.115" "uvicorn>=0.30" "openai>=1.0" "httpx>=0.27"
+    "fastapi>=0.115" "uvicorn>=0.30" "openai>=1.0" "httpx>=0.27" "ray[serve]>=2.10"
 
 step "building the wheel (cargo, release build; a few minutes the first time)"
 rm -rf dist

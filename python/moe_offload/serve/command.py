@@ -6,8 +6,12 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moe_offload._core import MoeOffloadError
+
+if TYPE_CHECKING:
+    from moe_offload.serve.engine import Engine
 
 log = logging.getLogger("moe_offload")
 
@@ -68,6 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens the KV cache holds over all requests (default: %(default)s)",
     )
     parser.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="serve N replicas on Ray Serve, each with its own model, offloader and EAMC file "
+        "(needs the ray extra; default: one process, no Ray)",
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=10.0,
@@ -78,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replicas is not None:
+        from moe_offload.serve import replicas  # checks the options before it starts Ray
+
+        return replicas.run(args)
     try:
         import uvicorn
 
@@ -86,32 +101,12 @@ def run(args: argparse.Namespace) -> int:
         raise MoeOffloadError(
             'moe-offload serve needs FastAPI and uvicorn: pip install "moe-offload[serve]"'
         ) from None
-    from transformers import AutoTokenizer
-
-    import moe_offload
     from moe_offload.serve.app import build_app
-    from moe_offload.serve.engine import Engine, EngineConfig
 
-    _check_numbers(args)
-    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    tokenizer_dir = Path(args.tokenizer or args.path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    model, offloader = moe_offload.from_pretrained(
-        args.path,
-        device=args.device,
-        device_budget=args.device_budget,
-        host_budget=args.host_budget,
-        store_dir=args.store_dir,
-        policy=args.policy,
-        eamc_path=args.eamc_path,
-        cpu_experts=args.cpu_experts,
-    )
-    config = EngineConfig(
-        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue
-    )
-    engine = Engine(model, offloader, tokenizer, config)
+    check_numbers(args)
+    engine = build_engine(args, args.eamc_path)
     name = args.served_model_name or Path(args.path).resolve().name
-    app = build_app(engine, name, api_key, shutdown_timeout=args.shutdown_grace)
+    app = build_app(engine, name, resolve_api_key(args), shutdown_timeout=args.shutdown_grace)
     server = Server(
         uvicorn.Config(
             app,
@@ -126,7 +121,37 @@ def run(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
-def _check_numbers(args: argparse.Namespace) -> None:
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the environment's, else none."""
+    return args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+
+
+def build_engine(args: argparse.Namespace, eamc_path: str | None) -> Engine:
+    """The model (experts offloaded), its tokenizer and the batching engine
+    the options describe, the EAMC read from and saved to `eamc_path`."""
+    from transformers import AutoTokenizer
+
+    import moe_offload
+    from moe_offload.serve.engine import Engine, EngineConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.tokenizer or args.path), local_files_only=True)
+    model, offloader = moe_offload.from_pretrained(
+        args.path,
+        device=args.device,
+        device_budget=args.device_budget,
+        host_budget=args.host_budget,
+        store_dir=args.store_dir,
+        policy=args.policy,
+        eamc_path=eamc_path,
+        cpu_experts=args.cpu_experts,
+    )
+    config = EngineConfig(
+        max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue
+    )
+    return Engine(model, offloader, tokenizer, config)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
     for option, value in (
         ("--max-queue", args.max_queue),
         ("--max-batch-tokens", args.max_batch_tokens),
@@ -134,6 +159,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     ):
         if value < 1:
             raise MoeOffloadError(f"{option} {value} must be at least 1")
+    if args.replicas is not None and args.replicas < 1:
+        raise MoeOffloadError(f"--replicas {args.replicas} must be at least 1")
     if not 0 <= args.port <= 65535:
         raise MoeOffloadError(f"--port {args.port} must be in 0..65535")
     if not args.shutdown_grace >= 0:
