@@ -109,7 +109,7 @@ def test_the_bench_command_writes_a_complete_report(tmp_path):
     assert "from other libraries while measuring held back" in result.stderr
 
 
-@pytest.mark.parametrize("script", ["e2e.py", "store.py"])
+@pytest.mark.parametrize("script", ["e2e.py", "store.py", "serve.py"])
 def test_the_benchmark_scripts_start(script):
     """The benchmark scripts run outside the default suite; this catches a
     broken import or argument parser in them before someone needs them."""
