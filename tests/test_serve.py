@@ -376,3 +376,16 @@ def test_incremental_text_equals_the_whole_decode_for_byte_level_tokens() -> Non
     pieces = [detokenizer.add([i]) for i in ids]
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_a_model_the_batching_engine_cannot_run_is_refused_at_start(tmp_path: Path) -> None:
+    """DeepSeek-V2's latent attention does not fit transformers' paged KV
+    cache: the server says so and exits, instead of failing every request."""
+    checkpoint = tmp_path / "tiny-deepseek"
+    tiny_models.build("deepseek_v2").save_pretrained(checkpoint)
+    tiny_models.word_tokenizer().save_pretrained(checkpoint)
+    command = [sys.executable, "-m", "moe_offload.cli", "serve", str(checkpoint), "--device", "cpu"]
+    command += ["--port", str(_free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    assert done.returncode != 0
+    assert "deepseek_v2 cannot be served yet" in done.stdout + done.stderr, done.stderr[-3000:]

@@ -30,6 +30,7 @@ log = logging.getLogger("moe_offload")
 
 _POLL_S = 0.1  # how often the dispatcher looks up from an empty output queue
 _START_TIMEOUT_S = 60.0
+_WARMUP_ID = "moe-offload-warm-up"
 
 
 @dataclass
@@ -107,6 +108,7 @@ class Engine:
         self.max_request_tokens = infer_max_single_request_tokens(self.manager.batch_processor.cache)
         # transformers' own attribute; without it every pass is taken for the batch's.
         self._install_tracing(getattr(self.manager, "_generation_thread", None))
+        self._check_the_model_runs()
         self._dispatcher = threading.Thread(target=self._dispatch, name="moe-offload-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -229,6 +231,31 @@ class Engine:
         for request_id, stream in list(self._streams.items()):
             stream.fail(f"the generation loop died: {error}")
             self.finished(request_id)
+
+    def _check_the_model_runs(self) -> None:
+        """Generates one token before any request is admitted, so that a model
+        the batching engine cannot run (DeepSeek-V2's latent attention does
+        not fit its paged KV cache) is refused at start, with the reason,
+        rather than failing every request. The warm-up's trace never ends, so
+        it never joins the EAMC."""
+        pad = _pad_id(self.model, self.tokenizer)
+        self.manager.add_request([pad], request_id=_WARMUP_ID, max_new_tokens=1)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            error = self.manager.background_thread_status.fatal_error
+            output = None if error is not None else self.manager.get_result(timeout=_POLL_S)
+            if output is not None and output.request_id == _WARMUP_ID and output.is_finished():
+                error = output.error
+                if error is None:
+                    return
+            if error is not None:
+                model_type = getattr(self.model.config, "model_type", type(self.model).__name__)
+                raise MoeOffloadError(
+                    f"{model_type} cannot be served yet: transformers' continuous batching failed on a "
+                    f"one-token request ({error}); the model runs with moe_offload.patch or "
+                    "from_pretrained and generate"
+                )
+        raise RuntimeError(f"a one-token request did not finish within {_START_TIMEOUT_S:.0f} s")
 
     def _raise_if_dead(self) -> None:
         error = self.manager.background_thread_status.fatal_error
