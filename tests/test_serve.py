@@ -4,6 +4,7 @@ word-level tokenizer, driven over HTTP with the official `openai` client
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -11,16 +12,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import tiny_models
 import torch
+
+import moe_offload
+from moe_offload._core import ActivationCollection
 
 pytest.importorskip("fastapi", reason="needs the serve extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="needs the serve extra (fastapi, uvicorn)")
@@ -44,6 +49,9 @@ class Served:
     log: Path
     model: torch.nn.Module
     tokenizer: object
+    # (prompt ids, max_tokens) of the concurrent requests, whose activation
+    # matrices the EAMC saved at shutdown must hold.
+    traced: list[tuple[list[int], int]] = field(default_factory=list)
 
     def client(self, key: str | None = API_KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, timeout=60)
@@ -199,10 +207,9 @@ def test_concurrent_requests_get_what_the_model_gives_each_alone(served: Served)
         assert usage.total_tokens == len(job["ids"]) + len(want)
     metrics = served.metrics()
     assert metrics["moe_offload_requests_running"] == 0
-    from moe_offload.offloader import Offloader
-
-    if hasattr(Offloader, "track_requests"):  # per-request tracing under batching
-        assert metrics["moe_offload_eamc_requests"] == eamc_before + len(jobs)
+    # Each request traced on its own, though batched (see the SIGTERM test).
+    assert metrics["moe_offload_eamc_requests"] == eamc_before + len(jobs)
+    served.traced = [(job["ids"], job["max_tokens"]) for job in jobs]
 
 
 def _sampled(served: Served, seed: int | None, temperature: float = 1.5) -> list[int]:
@@ -353,6 +360,34 @@ def test_sigterm_finishes_running_requests_saves_the_eamc_and_exits_0(served: Se
     client.join(timeout=10)
     assert result["tokens"] == _expected(served.model, [5, 9, 14], 30)  # finished within the grace period
     assert served.eamc.is_file() and served.eamc.stat().st_size > 0, served.log.read_text()
+    assert served.traced, "the concurrent requests' test runs first"
+    saved = ActivationCollection.load(served.eamc)
+    entries = [tuple(saved.entry(i)) for i in range(len(saved))]
+    for matrix in _activations_alone(served.model, served.traced):
+        assert matrix in entries, "a request's activation matrix served alone is not in the EAMC"
+        entries.remove(matrix)
+
+
+def _activations_alone(model: torch.nn.Module, requests: list[tuple[list[int], int]]) -> list[tuple]:
+    """The expert activation matrix of each request served alone by plain
+    greedy `generate` on a patched copy of `model`."""
+    plain = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        offloader = moe_offload.patch(plain, device="cpu", eamc_path=Path(tmp) / "alone.bin")
+        for prompt, max_tokens in requests:
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                plain.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+        path = offloader.save_eamc()
+        moe_offload.unpatch(plain)
+        alone = ActivationCollection.load(path)
+        return [tuple(alone.entry(i)) for i in range(len(alone))]
 
 
 def test_incremental_text_equals_the_whole_decode_for_byte_level_tokens() -> None:
