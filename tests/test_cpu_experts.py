@@ -11,7 +11,7 @@ from tiny_models import FAMILIES, build, expert_bytes, greedy, prompt
 import moe_offload
 from moe_offload import MoeOffloadError
 from moe_offload.adapters import fused
-from moe_offload.offloader import CALIBRATION_TOKENS, calibrate_cpu
+from moe_offload.offloader import calibrate_cpu
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "switch_transformers"])
@@ -26,7 +26,6 @@ def test_calibration_measures_the_cpu_for_few_and_many_tokens(family):
     assert offloader.stats()["cpu_seconds"] == 0
     assert offloader.cache.host_held == 0
     moe_offload.unpatch(model)
-    assert CALIBRATION_TOKENS >= 16, "the core learns per-token costs from 16 tokens on"
 
 
 def test_a_layer_runs_hits_from_slots_and_misses_on_the_cpu():

@@ -31,6 +31,7 @@ use std::cmp::Reverse;
 
 use crate::error::{CoreError, Result};
 use crate::layout::ExpertId;
+use crate::timing::blend;
 
 /// The measured costs of one MoE layer's two paths, in seconds. Every field
 /// is finite and non-negative ([`split_misses`] checks).
@@ -227,8 +228,6 @@ const FEW_TOKENS: u32 = 4;
 /// Token counts from this on are "many": the time per token is arithmetic
 /// ([`CostModel::cpu_per_token_s`]).
 const MANY_TOKENS: u32 = 16;
-/// Weight of a new measurement in the running averages.
-const NEW: f64 = 0.1;
 
 /// The CPU's measured time per expert, learned from the experts it ran:
 /// a running average of the time of experts with a few tokens (the
@@ -258,13 +257,6 @@ impl CpuCosts {
     pub fn estimate(&self) -> Option<(f64, f64)> {
         Some((self.few_tokens_s?, self.per_token_s?))
     }
-}
-
-fn blend(average: &mut Option<f64>, value: f64) {
-    *average = Some(match *average {
-        Some(a) => a + NEW * (value - a),
-        None => value,
-    });
 }
 
 #[cfg(test)]

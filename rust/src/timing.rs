@@ -22,7 +22,9 @@ pub struct TimingEstimate {
     last_layer: Option<(usize, Instant, f64)>,
 }
 
-fn blend(average: &mut Option<f64>, value: f64) {
+/// Moves a running average a tenth of the way to `value` (the
+/// first value sets it).
+pub(crate) fn blend(average: &mut Option<f64>, value: f64) {
     *average = Some(match *average {
         Some(a) => a + NEW * (value - a),
         None => value,

@@ -197,15 +197,19 @@ def offloaded_experts_forward(
         flat = routing.T.reshape(-1)
         counts = np.bincount(flat, minlength=num_experts + 1)
         starts = np.concatenate(([0], np.cumsum(counts))).tolist()
-        host_order = torch.from_numpy(np.argsort(flat, kind="stable"))
-        order = host_order if on_host else torch.argsort(top_k_index.T.reshape(-1), stable=True)
+        if on_host:
+            order = torch.from_numpy(np.argsort(flat, kind="stable"))
+        else:
+            order = torch.argsort(top_k_index.T.reshape(-1), stable=True)
         all_top_k_pos, all_token_idx = order // tokens, order % tokens
     runtime.observe(routing)
     used = np.flatnonzero(counts[:num_experts]).tolist()
     # Each expert's output, added up at the end in ascending expert order,
     # as the eager implementation adds them, wherever each one ran.
     outputs: dict[int, torch.Tensor] = {}
-    host_states: list[torch.Tensor] = []
+    # On a GPU, the layer's input and each (k, token) position's token on the
+    # host, made when the first expert runs on the CPU.
+    host: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_device(expert: int, w: dict[str, nn.Parameter]) -> None:
         token_idx = all_token_idx[starts[expert] : starts[expert + 1]]
@@ -215,11 +219,12 @@ def offloaded_experts_forward(
         if on_host:
             on_device(expert, w)
             return
-        if not host_states:
+        if not host:
             # The routing copy above already waited for this layer's input.
-            host_states.append(hidden_states.to("cpu"))
-        token_idx = host_order[starts[expert] : starts[expert + 1]] % tokens
-        outputs[expert] = _expert_output(self, host_states[0][token_idx], w)
+            token_of = torch.from_numpy(np.argsort(flat, kind="stable")) % tokens
+            host.append((hidden_states.to("cpu"), token_of))
+        states, token_of = host[0]
+        outputs[expert] = _expert_output(self, states[token_of[starts[expert] : starts[expert + 1]]], w)
 
     runtime.run(used, counts[used].tolist(), on_device, on_cpu)
     for expert in used:
