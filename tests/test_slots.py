@@ -10,6 +10,7 @@ import os
 import random
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,22 @@ from moe_offload.adapters import modulelist as modulelist_module
 NEW_TOKENS = 4
 
 
-def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def os_threads() -> set[str]:
+    """The process's OS thread ids: a thread left behind shows as a new id,
+    while threads of earlier tests that end meanwhile do not count against it."""
+    return set(os.listdir("/proc/self/task"))
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds() -> Counter[str]:
+    """What the process's open descriptors point at (files, sockets, pipes,
+    each with its inode): one opened and left open shows as a new entry."""
+    targets: Counter[str] = Counter()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets[os.readlink(f"/proc/self/fd/{fd}")] += 1
+        except FileNotFoundError:  # the descriptor listdir itself used
+            pass
+    return targets
 
 
 def resident_bytes() -> int:
@@ -76,7 +87,7 @@ def test_copy_workers_out_of_range_are_refused_before_any_thread_starts():
                 n_slots=1,
                 copy_workers=bad,
             )
-        assert os_threads() == before, f"copy_workers={bad!r} left threads behind"
+        assert os_threads() <= before, f"copy_workers={bad!r} left threads behind"
 
 
 # --- a failed copy -----------------------------------------------------------
@@ -312,6 +323,6 @@ def test_soak_two_threads_and_interrupts_leave_slots_threads_fds_and_memory_as_t
     assert torch.equal(tokens(model, family, 0), expected[0])
     assert every_slot_free(offloader)
     threads, fds, memory = baseline
-    assert os_threads() == threads
-    assert open_fds() == fds
+    assert os_threads() <= threads, "threads left behind"
+    assert not open_fds() - fds, "descriptors left open"
     assert resident_bytes() - memory < 16 << 20, "memory grew"
