@@ -12,11 +12,15 @@ all clients, time to first token and inter-token latency p50/p99 (timed per
 chunk on the client), and the offloader's hit rate and CPU-run experts per
 generated token (from /metrics before and after).
 
-Routing is the model's own random router: under continuous batching the
-tokens of several requests share one forward pass, so the e2e bench's
-one-request-at-a-time router replay does not apply.
+With --trace, routing is replayed from a recorded trace, as in `moe-offload
+bench`: the server runs as `python -m moe_offload.bench.replayed_server`
+(`moe-offload serve` with every MoE layer's routing forced), and each request
+follows a trace request of its own token by token, however continuous
+batching packs its tokens with other requests'. Without it the model's own
+random router routes.
 
-    .venv/bin/python benches/serve.py --model mixtral-8x7b --out benches/results/serve-cpu-mixtral-8x7b
+    .venv/bin/python benches/serve.py --model mixtral-8x7b --trace TRACES/mixtral-8x7b \
+        --out benches/results/serve-cpu-mixtral-8x7b
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ import torch
 from moe_offload import provenance
 from moe_offload.bench import shapes
 from moe_offload.bench.e2e import CPU_HIDDEN, CPU_LAYERS, DTYPES
+from moe_offload.traces import FORMATS
 
 MODEL_NAME = "bench"
 START_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 600.0
-ROUTING = "the model's own (random-weight) router; no router replay under continuous batching"
+RANDOM_ROUTING = "the model's own (random-weight) router"
+REPLAYED = re.compile(r"router replay: forced the routing of (\d+) passes")
 
 
 @dataclass
@@ -104,7 +110,13 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, checkpoint: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "moe_offload.cli", "serve", str(checkpoint), "--device", args.device]
+    command = [sys.executable, "-m", "moe_offload.cli", "serve"]
+    if args.trace:
+        command = [sys.executable, "-m", "moe_offload.bench.replayed_server"]
+        command += ["--trace", *map(str, args.trace)]
+        command += ["--format", args.trace_format]
+        command += ["--request-tokens", str(args.prompt_tokens + args.new_tokens)]
+    command += [str(checkpoint), "--device", args.device]
     command += ["--port", str(port), "--served-model-name", MODEL_NAME, "--cpu-experts", args.cpu_experts]
     command += ["--max-queue", str(max(256, max(args.clients)))]
     for option in ("device_budget", "host_budget", "max_batch_tokens"):
@@ -303,11 +315,13 @@ def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
-        "command": provenance.command(Path(sys.argv[0]).name, {str(args.out)} if args.out else set()),
+        "command": provenance.command(
+            Path(sys.argv[0]).name, {str(p) for p in [*args.trace, *([args.out] if args.out else [])]}
+        ),
         "commit": provenance.commit(),
         "machine": {**provenance.machine(), "torch": torch.__version__, "device": args.device},
         "load_before": load(),
-        "routing": ROUTING,
+        "routing": _routing(args),
         "workload": {
             "clients": args.clients,
             "requests_per_client": args.requests_per_client,
@@ -330,8 +344,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise
         finally:
             stop_server(process)
+        if args.trace:
+            report["replayed_passes"] = replayed_passes(log)
     report["load_after"] = load()
     return report
+
+
+def _routing(args: argparse.Namespace) -> str:
+    if not args.trace:
+        return RANDOM_ROUTING
+    return "replayed from " + ", ".join(p.name for p in args.trace) + " (each request its own trace request)"
+
+
+def replayed_passes(log: Path) -> int:
+    """The passes whose routing the server forced, from its log at shutdown."""
+    found = REPLAYED.findall(log.read_text(errors="replace"))
+    if not found:
+        raise SystemExit(f"the server did not report its router replay; its log:\n{log.read_text()}")
+    return int(found[-1])
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -346,7 +376,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Each client sends {w['requests_per_client']} streaming greedy requests back to back, "
         f"in each of {w['rounds']} interleaved rounds (tokens/s: the median round), "
         f"{w['prompt_tokens']} prompt tokens and {w['new_tokens']} new tokens each. "
-        f"Routing: {report['routing']}.",
+        f"Routing: {report['routing']}"
+        + (f"; {report['replayed_passes']} passes forced." if "replayed_passes" in report else "."),
         "",
         "| clients | output tokens/s | x 1 client | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
         "| hit rate | CPU experts/token |",
@@ -376,6 +407,21 @@ def parse_args() -> argparse.Namespace:
         help="model shape (default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="the server's --device (default: %(default)s)")
+    parser.add_argument(
+        "--trace",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="TRACE",
+        help="routing trace files or directories to replay (default: none, the random router routes)",
+    )
+    parser.add_argument(
+        "--format",
+        dest="trace_format",
+        choices=FORMATS,
+        default="auto",
+        help="trace format (default: %(default)s, told from the files)",
+    )
     parser.add_argument(
         "--layers", type=int, help=f"MoE layers (default: {CPU_LAYERS} on a CPU, else the model's)"
     )

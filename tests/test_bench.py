@@ -19,7 +19,7 @@ import moe_offload
 from moe_offload import MoeOffloadError, cli, preflight
 from moe_offload.bench import e2e, report, shapes
 from moe_offload.bench.quiet import third_party_output_held_back
-from moe_offload.bench.router_replay import RouterReplay
+from moe_offload.bench.router_replay import BatchRouterReplay, RouterReplay
 from moe_offload.traces import Request, Trace, write_trace
 
 FIGURES = {"median_ms", "p90_ms", "p99_ms", "ttft_ms", "tokens_per_s", "bytes_per_token", "hit_rate"}
@@ -57,6 +57,60 @@ def test_router_replay_forces_the_traced_experts(tmp_path):
     replay.remove()
     with pytest.raises(MoeOffloadError, match="MoE layers"):
         RouterReplay(model).check(layers=1, experts=8, top_k=2)
+
+
+def test_batch_router_replay_follows_each_request_through_packed_passes(tmp_path):
+    config = shapes.config_for("mixtral-8x7b", layers=2, hidden=64)
+    model = shapes.build(config, torch.float32)
+    first, second = random_trace(tmp_path / "t.jsonl", requests=2, tokens=4)
+    passes = [[("a", 3), ("b", 2)], [("b", 1), ("a", 1)], None]
+    layout: list = []
+    replay = BatchRouterReplay(model, [first, second], lambda: layout[0])
+    seen: list[torch.Tensor] = []
+    replay.blocks[1].module.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    with torch.no_grad():
+        for packed in passes:
+            layout[:] = [packed]
+            model(torch.arange(1, 1 + (sum(n for _, n in packed) if packed else 3))[None])
+    # Keys take trace requests in order of first appearance.
+    assert seen[0].tolist() == np.concatenate([first[0:3, 1], second[0:2, 1]]).tolist()
+    assert seen[1].tolist() == np.concatenate([second[2:3, 1], first[3:4, 1]]).tolist()
+    assert replay.forced_passes == 2  # the third pass was not the batch's: the router routed it
+    layout[:] = [[("a", 1)]]
+    with pytest.raises(MoeOffloadError, match="'a' outgrew its replayed trace request of 4 tokens"):
+        with torch.no_grad():
+            model(torch.tensor([[1]]))
+    layout[:] = [[("c", 2)]]
+    with pytest.raises(MoeOffloadError, match="the batch layout gives 2 token rows; the pass has 3"):
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+
+
+def test_the_serving_bench_replays_routing_through_the_server(tmp_path):
+    """benches/serve.py end to end on a tiny shape with a trace: the server
+    forced the routing of every pass, and each client got every token."""
+    bench = Path(__file__).resolve().parent.parent / "benches" / "serve.py"
+    random_trace(tmp_path / "t.jsonl", requests=3, tokens=12, layers=2, experts=8, top_k=2)
+    command = [
+        sys.executable,
+        str(bench),
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--trace",
+        str(tmp_path / "t.jsonl"),
+    ]
+    command += ["--clients", "1", "2", "--requests-per-client", "1", "--rounds", "1"]
+    command += ["--prompt-tokens", "4", "--new-tokens", "6", "--out", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    # The start-up check's pass, then 1 request alone and 2 clients, twice (warm-up, measured):
+    # 6 passes (1 prefill, 5 decode) a request, 2 clients' requests sharing passes when aligned.
+    assert 1 + 4 * 6 <= report["replayed_passes"] <= 1 + 6 * 6
+    assert report["routing"].startswith("replayed from t.jsonl")
+    assert all(f["every_request_full_length"] for f in report["clients"].values())
 
 
 def test_the_bench_command_writes_a_complete_report(tmp_path):

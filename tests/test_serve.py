@@ -15,8 +15,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,11 +75,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
-    root = tmp_path_factory.mktemp("serve")
-    checkpoint = root / "tiny-mixtral"
-    model = tiny_models.build("mixtral")
+@contextmanager
+def _serving(root: Path, family: str) -> Iterator[Served]:
+    """`moe-offload serve` on a tiny random `family` model, as a real process."""
+    checkpoint = root / f"tiny-{family}"
+    model = tiny_models.build(family)
     model.config.max_position_embeddings = CONTEXT
     tokenizer = tiny_models.word_tokenizer()
     model.save_pretrained(checkpoint)
@@ -101,6 +102,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with _serving(tmp_path_factory.mktemp("serve"), "mixtral") as served:
+        yield served
 
 
 def _wait_healthy(served: Served) -> None:
@@ -210,6 +217,17 @@ def test_concurrent_requests_get_what_the_model_gives_each_alone(served: Served)
     # Each request traced on its own, though batched (see the SIGTERM test).
     assert metrics["moe_offload_eamc_requests"] == eamc_before + len(jobs)
     served.traced = [(job["ids"], job["max_tokens"]) for job in jobs]
+
+
+def test_deepseek_latent_attention_is_served_batched_as_alone(tmp_path: Path) -> None:
+    """DeepSeek-V2 caches latents, not keys and values, in the batching
+    engine's paged cache: concurrent requests still get their own tokens."""
+    with _serving(tmp_path, "deepseek_v2") as served:
+        jobs = [job for job in _jobs(served.tokenizer) if not job["chat"]][:6]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: _complete(served, job), jobs))
+        for job, got in zip(jobs, results, strict=True):
+            assert got["tokens"] == _expected(served.model, job["ids"], job["max_tokens"]), job
 
 
 def _sampled(served: Served, seed: int | None, temperature: float = 1.5) -> list[int]:
@@ -413,14 +431,31 @@ def test_incremental_text_equals_the_whole_decode_for_byte_level_tokens() -> Non
     assert all("\ufffd" not in p for p in pieces)
 
 
-def test_a_model_the_batching_engine_cannot_run_is_refused_at_start(tmp_path: Path) -> None:
-    """DeepSeek-V2's latent attention does not fit transformers' paged KV
-    cache: the server says so and exits, instead of failing every request."""
-    checkpoint = tmp_path / "tiny-deepseek"
-    tiny_models.build("deepseek_v2").save_pretrained(checkpoint)
+def test_an_encoder_decoder_model_is_refused_before_the_port_opens(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "tiny-switch"
+    tiny_models.build("switch_transformers").save_pretrained(checkpoint)
     tiny_models.word_tokenizer().save_pretrained(checkpoint)
     command = [sys.executable, "-m", "moe_offload.cli", "serve", str(checkpoint), "--device", "cpu"]
     command += ["--port", str(_free_port())]
     done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT_S)
     assert done.returncode != 0
-    assert "deepseek_v2 cannot be served yet" in done.stdout + done.stderr, done.stderr[-3000:]
+    assert "switch_transformers is an encoder-decoder model" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_model_the_batching_engine_cannot_run_is_refused_with_the_reason() -> None:
+    """The one-token check at start: a model whose forward fails in the
+    batching engine is refused with the failure, and the generation thread
+    is stopped."""
+    from moe_offload.serve.engine import Engine, EngineConfig
+
+    model = tiny_models.build("mixtral")
+
+    def broken_attention(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("this attention cannot run here")
+
+    model.model.layers[1].self_attn.forward = broken_attention
+    engine = Engine(model, None, tiny_models.word_tokenizer(), EngineConfig(kv_cache_tokens=512))
+    with pytest.raises(moe_offload.MoeOffloadError, match="mixtral cannot be served yet: .*cannot run here"):
+        engine.launch()
+    assert not engine.manager.is_running()

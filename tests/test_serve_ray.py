@@ -25,7 +25,6 @@ httpx = pytest.importorskip("httpx")
 import test_serve  # noqa: E402  (its helpers need the serve extra, checked above it)
 
 from moe_offload._core import MoeOffloadError  # noqa: E402
-from moe_offload.offloader import Offloader  # noqa: E402
 from moe_offload.serve import replicas  # noqa: E402
 
 MODEL = "tiny"
@@ -112,8 +111,8 @@ def test_both_replicas_answer_with_what_the_model_gives(deployed: Deployed) -> N
                 assert tokens == test_serve._expected(deployed.model, prompt, 6), (replica, prompt)
                 answered[replica] += 1
     assert set(answered) == {str(i) for i in range(REPLICAS)}, f"replicas that answered: {answered}"
-    if hasattr(Offloader, "track_requests"):  # each replica's requests joined its own EAMC
-        assert _eamc_sizes(deployed) == {replica: float(n) for replica, n in answered.items()}
+    # Each replica's requests joined its own EAMC.
+    assert _eamc_sizes(deployed) == {replica: float(n) for replica, n in answered.items()}
 
 
 def test_the_proxy_serves_every_route(deployed: Deployed) -> None:

@@ -10,6 +10,7 @@ from tiny_models import build, expert_bytes, prompt
 
 import moe_offload
 from moe_offload import MoeOffloadError, _core
+from moe_offload.serve.latent import fit_latent_attention
 from moe_offload.traces import read_trace
 
 
@@ -225,10 +226,14 @@ def serve_continuously(model, offloader, batch_tokens: int) -> tuple[list[str], 
 
 
 # 64: every prompt in the first pass; 8: prompts prefilled in chunks that
-# share passes with other requests' decoding.
+# share passes with other requests' decoding. DeepSeek-V2 caches latents in
+# the paged cache (the server's fit_latent_attention).
 @pytest.mark.parametrize("batch_tokens", [64, 8])
-def test_continuous_batching_traces_each_request_as_if_served_alone(tmp_path, batch_tokens):
-    model = build("mixtral")
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_continuous_batching_traces_each_request_as_if_served_alone(tmp_path, family, batch_tokens):
+    model = build(family)
+    latent_hooks = fit_latent_attention(model)
+    assert bool(latent_hooks) == (family == "deepseek_v2")
     alone_tokens, alone_entries, alone_routing = served_alone(model, tmp_path)
     assert len(alone_entries) == len(CB_PROMPTS)
 
@@ -240,6 +245,8 @@ def test_continuous_batching_traces_each_request_as_if_served_alone(tmp_path, ba
         offloader.end_request("req_0")
     offloader.save_eamc()
     moe_offload.unpatch(model)
+    for hook in latent_hooks:
+        hook.remove()
 
     order = [int(key.removeprefix("req_")) for key in ended]
     assert sorted(order) == list(range(len(CB_PROMPTS)))

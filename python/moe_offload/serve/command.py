@@ -93,18 +93,29 @@ def run(args: argparse.Namespace) -> int:
         from moe_offload.serve import replicas  # checks the options before it starts Ray
 
         return replicas.run(args)
-    try:
-        import uvicorn
+    check_extras()
+    check_numbers(args)
+    return serve(args, build_engine(args, args.eamc_path))
 
-        from moe_offload.serve.server import Server
+
+def check_extras() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError:
         raise MoeOffloadError(
             'moe-offload serve needs FastAPI and uvicorn: pip install "moe-offload[serve]"'
         ) from None
-    from moe_offload.serve.app import build_app
 
-    check_numbers(args)
-    engine = build_engine(args, args.eamc_path)
+
+def serve(args: argparse.Namespace, engine: Engine) -> int:
+    """Serves `engine` on --host/--port until SIGTERM/SIGINT; the exit status."""
+    import uvicorn
+
+    from moe_offload.serve.app import build_app
+    from moe_offload.serve.server import Server
+
+    engine.launch()  # a model that cannot be served is refused before the port opens
     name = args.served_model_name or Path(args.path).resolve().name
     app = build_app(engine, name, resolve_api_key(args), shutdown_timeout=args.shutdown_grace)
     server = Server(
@@ -145,6 +156,11 @@ def build_engine(args: argparse.Namespace, eamc_path: str | None) -> Engine:
         eamc_path=eamc_path,
         cpu_experts=args.cpu_experts,
     )
+    if model.config.is_encoder_decoder:
+        raise MoeOffloadError(
+            f"{model.config.model_type} is an encoder-decoder model; moe-offload serve runs decoder-only "
+            "models (an encoder-decoder runs with moe_offload.from_pretrained and generate)"
+        )
     config = EngineConfig(
         max_batch_tokens=args.max_batch_tokens, kv_cache_tokens=args.kv_cache_tokens, max_queue=args.max_queue
     )

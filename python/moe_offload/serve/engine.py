@@ -7,12 +7,14 @@ outputs and hands each to its request's stream on the server's event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ from moe_offload._core import MoeOffloadError
 from moe_offload.offloader import Offloader
 from moe_offload.serve import sampling
 from moe_offload.serve.errors import ApiError, bad_request
+from moe_offload.serve.latent import fit_latent_attention
 from moe_offload.serve.metrics import Metrics
 from moe_offload.serve.stream import RequestStream
 
@@ -31,6 +34,7 @@ log = logging.getLogger("moe_offload")
 _POLL_S = 0.1  # how often the dispatcher looks up from an empty output queue
 _START_TIMEOUT_S = 60.0
 _WARMUP_ID = "moe-offload-warm-up"
+_BATCHING_LOGGER = "ContinuousBatchingLogger"  # transformers' continuous batching logs here
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Engine:
         self._trace_lock = threading.Lock()
         self._cancelled: set[str] = set()  # cancelled, their traces not yet ended
         self._generation_thread: threading.Thread | None = None
+        self._latent_hooks = fit_latent_attention(model)
         self.manager = model.init_continuous_batching(
             generation_config=GenerationConfig(
                 max_new_tokens=16,  # every request passes its own
@@ -94,21 +99,33 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Starts the generation thread and the dispatcher; outputs go to `loop`."""
-        self._loop = loop
+    def launch(self) -> None:
+        """Starts the generation thread and checks that the model runs in it
+        (a one-token request); raises `MoeOffloadError` if it does not, with
+        the generation thread stopped. Idempotent."""
+        if self.manager.batch_processor is not None:
+            return
         self.manager.start()
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        # The cache is built on the generation thread; its size bounds a request.
-        while self.manager.batch_processor is None:
-            self._raise_if_dead()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the generation loop did not start within {_START_TIMEOUT_S:.0f} s")
-            time.sleep(0.01)
-        self.max_request_tokens = infer_max_single_request_tokens(self.manager.batch_processor.cache)
-        # transformers' own attribute; without it every pass is taken for the batch's.
-        self._install_tracing(getattr(self.manager, "_generation_thread", None))
-        self._check_the_model_runs()
+        try:
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            # The cache is built on the generation thread; its size bounds a request.
+            while self.manager.batch_processor is None:
+                self._raise_if_dead()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the generation loop did not start within {_START_TIMEOUT_S:.0f} s")
+                time.sleep(0.01)
+            self.max_request_tokens = infer_max_single_request_tokens(self.manager.batch_processor.cache)
+            # transformers' own attribute; without it every pass is taken for the batch's.
+            self._install_tracing(getattr(self.manager, "_generation_thread", None))
+            self._check_the_model_runs()
+        except BaseException:
+            self.manager.stop(block=True, timeout=_START_TIMEOUT_S)
+            raise
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Launches (if not yet) and starts the dispatcher; outputs go to `loop`."""
+        self.launch()
+        self._loop = loop
         self._dispatcher = threading.Thread(target=self._dispatch, name="moe-offload-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -123,6 +140,8 @@ class Engine:
         for request_id in sorted(self._cancelled):  # no pass runs any more
             self._end_trace(request_id)
         self._cancelled.clear()
+        for hook in self._latent_hooks:
+            hook.remove()
         if self.offloader is not None and self.offloader.eamc_path is not None:
             path = self.offloader.save_eamc()
             log.info("moe-offload serve: saved the EAMC (%d requests) to %s", self.offloader.eamc_size, path)
@@ -234,28 +253,35 @@ class Engine:
 
     def _check_the_model_runs(self) -> None:
         """Generates one token before any request is admitted, so that a model
-        the batching engine cannot run (DeepSeek-V2's latent attention does
-        not fit its paged KV cache) is refused at start, with the reason,
+        the batching engine cannot run is refused at start, with the reason,
         rather than failing every request. The warm-up's trace never ends, so
         it never joins the EAMC."""
         pad = _pad_id(self.model, self.tokenizer)
         self.manager.add_request([pad], request_id=_WARMUP_ID, max_new_tokens=1)
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            error = self.manager.background_thread_status.fatal_error
-            output = None if error is not None else self.manager.get_result(timeout=_POLL_S)
-            if output is not None and output.request_id == _WARMUP_ID and output.is_finished():
-                error = output.error
-                if error is None:
+        # transformers logs the failure's traceback; the error below says it.
+        with _muted(_BATCHING_LOGGER):
+            while time.monotonic() < deadline:
+                if self._warm_up_done():
                     return
-            if error is not None:
-                model_type = getattr(self.model.config, "model_type", type(self.model).__name__)
-                raise MoeOffloadError(
-                    f"{model_type} cannot be served yet: transformers' continuous batching failed on a "
-                    f"one-token request ({error}); the model runs with moe_offload.patch or "
-                    "from_pretrained and generate"
-                )
         raise RuntimeError(f"a one-token request did not finish within {_START_TIMEOUT_S:.0f} s")
+
+    def _warm_up_done(self) -> bool:
+        """Whether the one-token request finished; raises if it failed."""
+        error = self.manager.background_thread_status.fatal_error
+        output = None if error is not None else self.manager.get_result(timeout=_POLL_S)
+        if output is not None and output.request_id == _WARMUP_ID and output.is_finished():
+            error = output.error
+            if error is None:
+                return True
+        if error is not None:
+            model_type = getattr(self.model.config, "model_type", type(self.model).__name__)
+            raise MoeOffloadError(
+                f"{model_type} cannot be served yet: transformers' continuous batching failed on a "
+                f"one-token request ({error}); the model runs with moe_offload.patch or "
+                "from_pretrained and generate"
+            )
+        return False
 
     def _raise_if_dead(self) -> None:
         error = self.manager.background_thread_status.fatal_error
@@ -267,8 +293,8 @@ class Engine:
     def _install_tracing(self, generation_thread: threading.Thread | None) -> None:
         """Gives the offloader each pass's packed layout, so that each request
         gets its own activation matrix, matched and joined to the EAMC alone."""
+        self._generation_thread = generation_thread
         if self.offloader is not None:
-            self._generation_thread = generation_thread
             self.offloader.track_requests(self._batch_layout)
 
     def _batch_layout(self) -> list[tuple[str, int]] | None:
@@ -277,7 +303,8 @@ class Engine:
         another thread). Runs on the generation thread, with the pass
         scheduled: a cancelled request missing from the scheduler now never
         runs again, so its trace can end here."""
-        if self._generation_thread not in (None, threading.current_thread()):
+        layout = self.pass_layout()
+        if layout is None:
             return None
         processor = self.manager.batch_processor
         scheduler = processor.scheduler
@@ -287,6 +314,14 @@ class Engine:
             self._cancelled.difference_update(gone)
         for request_id in gone:
             self._end_trace(request_id)
+        return layout
+
+    def pass_layout(self) -> list[tuple[str, int]] | None:
+        """(request id, rows) of each request in the pass about to run, in row
+        order; None on a thread other than the batch's."""
+        processor = self.manager.batch_processor
+        if processor is None or self._generation_thread not in (None, threading.current_thread()):
+            return None
         ios = processor.inputs_and_outputs
         return [(fs.state.request_id, fs.query_length) for fs in ios.requests_in_batch]
 
@@ -297,6 +332,17 @@ class Engine:
             self.offloader.end_request(request_id)
         except MoeOffloadError:
             pass  # never in a pass (cancelled while it waited): nothing was traced
+
+
+@contextlib.contextmanager
+def _muted(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> list[int]:
