@@ -87,6 +87,17 @@ def _convert_parser(commands: argparse._SubParsersAction) -> None:
     convert.add_argument("checkpoint", help="checkpoint directory (config.json and safetensors shards)")
     convert.add_argument("store", help="directory of the expert store to write")
     convert.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="store every expert matrix quantized, weight-only, one scale per group (default: as it is)",
+    )
+    convert.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help="input features per quantization scale (default: 128; needs --quantize)",
+    )
+    convert.add_argument(
         "--dtype", help="convert weights to this dtype, e.g. bfloat16 (default: the config's)"
     )
     convert.add_argument(
@@ -260,6 +271,8 @@ def _run(args: argparse.Namespace) -> int:
                 args.checkpoint,
                 args.store,
                 dtype=args.dtype,
+                quantize=args.quantize,
+                group_size=args.group_size,
                 overwrite=args.overwrite,
                 verify=args.verify,
                 show_progress=True,

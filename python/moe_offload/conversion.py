@@ -28,9 +28,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from moe_offload._core import StoreError, StoreWriter
 from moe_offload._core import __version__ as version
-from moe_offload.adapters import ExpertBlock
+from moe_offload.adapters import ExpertBlock, TensorSpec
 from moe_offload.checkpoint import DTYPES, Checkpoint, WeightMap, is_side_file, load_config
 from moe_offload.progress import progress
+from moe_offload.quantization import Quantization
 from moe_offload.sizes import format_size
 from moe_offload.skeleton import (
     build_skeleton,
@@ -71,25 +72,35 @@ def convert(
     store_dir: str | Path,
     *,
     dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
     overwrite: bool = False,
     verify: bool = False,
     show_progress: bool | None = None,
 ) -> ConversionSummary:
     """Writes the expert store for the safetensors checkpoint in `checkpoint`
     into `store_dir`, converting weights to `dtype` (default: the config's).
-    With `verify`, first checks every checkpoint file against the hash its
-    Hugging Face Hub download recorded (see `Checkpoint.verify`).
+    With `quantize` ("int8" or "int4"), every expert matrix is stored
+    quantized (one scale per `group_size` input features, default 128; see
+    `moe_offload.quantization`) and the store records the scheme, which
+    `from_pretrained` then uses. With `verify`, first checks every checkpoint
+    file against the hash its Hugging Face Hub download recorded (see
+    `Checkpoint.verify`).
 
     Raises `StoreError` naming the file at fault for a missing or damaged
     shard, a checkpoint that does not match its config, a directory that
     already holds something (unless `overwrite`), a place that cannot be
     written or a disk too small; no partial output is left behind."""
     started = time.perf_counter()
+    scheme = Quantization.parse(quantize, group_size)
     source = Checkpoint(checkpoint)
     config = load_config(source.path)
     dtype = resolve_dtype(dtype, config)
     model = build_skeleton(config, dtype)
     blocks = expert_blocks(model)
+    if scheme is not None:
+        for block in blocks:
+            block.quantize(scheme)
     weights = WeightMap(model, source)
     store_dir = Path(store_dir)
     non_experts = _non_expert_specs(model, blocks)
@@ -101,6 +112,7 @@ def convert(
         "architectures": getattr(config, "architectures", None),
         "source": {"path": str(source.path.resolve()), "fingerprint": source.fingerprint()},
         "non_experts": NON_EXPERTS,
+        "quantization": None if scheme is None else scheme.to_json(),
         "written_by": f"moe-offload {version}",
     }
     writer = StoreWriter(store_dir, [_layer_spec(b) for b in blocks], json.dumps(meta), overwrite)
@@ -258,15 +270,29 @@ def _write_experts(
             for expert in range(block.num_experts):
                 blob = buffer[: block.expert_bytes]
                 blob.zero_()
-                for spec in block.specs:
-                    name, index = block.parameter_name(spec, expert)
-                    tensor = weights.expert_tensor(name, index, block.num_experts)
-                    if tuple(tensor.shape) != spec.shape:
-                        raise StoreError(
-                            f"{weights.file_of(name)}: expert {expert} of {block.name}: {spec.name} is "
-                            f"{list(tensor.shape)} but the model config needs {list(spec.shape)}"
-                        )
+                for spec, tensor in _blob_tensors(weights, block, expert):
                     data = tensor.to(spec.dtype).contiguous().reshape(-1).view(torch.uint8)
                     blob[spec.offset : spec.offset + spec.nbytes].copy_(data)
                 writer.write_expert(layer, expert, blob.data_ptr(), block.expert_bytes)
                 bar.update(block.expert_bytes)
+
+
+def _blob_tensors(
+    weights: WeightMap, block: ExpertBlock, expert: int
+) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+    """The expert's blob tensors, from its checkpoint tensors (quantized
+    when the block's codec says so)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in block.weight_specs:
+        name, index = block.parameter_name(spec, expert)
+        tensor = weights.expert_tensor(name, index, block.num_experts)
+        if tuple(tensor.shape) != spec.shape:
+            raise StoreError(
+                f"{weights.file_of(name)}: expert {expert} of {block.name}: {spec.name} is "
+                f"{list(tensor.shape)} but the model config needs {list(spec.shape)}"
+            )
+        tensors[spec.name] = tensor.to(spec.dtype)
+    if block.codec is not None:
+        tensors = block.codec.encode(tensors)
+    for spec in block.specs:
+        yield spec, tensors[spec.name]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from moe_offload._core import BudgetError, ExpertStore, StoreError
+from moe_offload._core import BudgetError, ExpertStore, MoeOffloadError, StoreError
 from moe_offload.adapters import ExpertBlock
 from moe_offload.checkpoint import (
     Checkpoint,
@@ -49,6 +49,7 @@ from moe_offload.offloader import (
     resolve_device,
 )
 from moe_offload.progress import progress
+from moe_offload.quantization import Quantization
 from moe_offload.sizes import format_size, parse_size
 from moe_offload.skeleton import (
     build_skeleton,
@@ -79,6 +80,8 @@ def from_pretrained(
     prefetch_depth: int | None = None,
     cpu_experts: str = "auto",
     cpu_threads: int | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
     show_progress: bool | None = None,
 ) -> tuple[PreTrainedModel, Offloader]:
     """Loads the model at `path` (a Hugging Face safetensors checkpoint or an
@@ -100,6 +103,10 @@ def from_pretrained(
     - `cpu_experts`, `cpu_threads`: where a miss runs and with how many torch
       threads, as for `patch`; on the CPU the experts run from the host
       cache, read from disk when it lacks them.
+    - `quantize`, `group_size`: store the experts quantized ("int8", "int4";
+      see `convert`), which needs a `store_dir` for a checkpoint. A store
+      converted with quantization is loaded as it is whatever these say;
+      one converted otherwise than they ask is a `StoreError`.
 
     Returns the model and its `Offloader`. Raises `StoreError` for a missing,
     truncated or mismatched file (naming it), `BudgetError` when
@@ -118,8 +125,10 @@ def from_pretrained(
     )
     target = _target_device(device)
     path = Path(path)
-    checkpoint, store = _locate(path, store_dir, dtype, show_progress)
+    asked = Quantization.parse(quantize, group_size)
+    checkpoint, store = _locate(path, store_dir, dtype, asked, show_progress)
     config = load_config(Path(store.path) if store is not None else path)
+    scheme = None if store is None else _stored_quantization(store, asked)
     if store is not None:
         stored = _meta(store)["dtype"]
         if dtype is not None and dtype_name(resolve_dtype(dtype, config)) != stored:
@@ -130,6 +139,9 @@ def from_pretrained(
         dtype = stored
     model = build_skeleton(config, resolve_dtype(dtype, config))
     blocks = expert_blocks(model)
+    if scheme is not None:
+        for block in blocks:
+            block.quantize(scheme)
     if store is not None:
         _check_index(store, blocks)
         source_name = str(Path(store.path) / NON_EXPERTS)
@@ -155,6 +167,7 @@ def from_pretrained(
         cpu_experts=cpu_experts,
         cpu_threads=cpu_threads,
         show_progress=show_progress,
+        scheme=scheme,
         backing=StoreBacking(store, host_slots, budget),
     )
     preload = host_slots >= sum(b.num_experts for b in blocks)
@@ -179,7 +192,11 @@ def from_pretrained(
 
 
 def _locate(
-    path: Path, store_dir: str | Path | None, dtype: str | torch.dtype | None, show_progress: bool | None
+    path: Path,
+    store_dir: str | Path | None,
+    dtype: str | torch.dtype | None,
+    scheme: Quantization | None,
+    show_progress: bool | None,
 ) -> tuple[Checkpoint | None, ExpertStore | None]:
     """(checkpoint to read in place, None) or (None, opened expert store);
     converts the checkpoint into `store_dir` first when that is empty."""
@@ -189,10 +206,23 @@ def _locate(
         return None, ExpertStore.open(path)  # which says what is wrong with it, if anything
     checkpoint = Checkpoint(path)
     if store_dir is None:
+        if scheme is not None:
+            raise MoeOffloadError(
+                f"quantize={scheme.name!r} needs an expert store to hold the quantized experts: pass "
+                "store_dir=DIR (converted there on first use), or convert first: "
+                f"moe-offload convert {path} DIR --quantize {scheme.name}"
+            )
         return checkpoint, None
     store_dir = Path(store_dir)
     if not _has_content(store_dir):
-        summary = convert(path, store_dir, dtype=dtype, show_progress=show_progress)
+        summary = convert(
+            path,
+            store_dir,
+            dtype=dtype,
+            quantize=None if scheme is None else scheme.name,
+            group_size=None if scheme is None else scheme.group_size,
+            show_progress=show_progress,
+        )
         log.info("moe-offload: %s", summary)
     store = ExpertStore.open(store_dir)
     source = _meta(store)["source"]
@@ -236,6 +266,32 @@ def _meta(store: ExpertStore) -> dict:
             f"again: moe-offload convert CHECKPOINT {store.path} --overwrite"
         )
     return meta
+
+
+def _stored_quantization(store: ExpertStore, asked: Quantization | None) -> Quantization | None:
+    """How the store's experts are quantized (None: not at all); a store
+    quantized otherwise than `asked` (when asked) is a `StoreError`."""
+    meta = _meta(store).get("quantization")
+    try:
+        stored = None if meta is None else Quantization.from_json(meta)
+    except (MoeOffloadError, AttributeError, TypeError) as e:
+        raise StoreError(
+            f"{Path(store.path) / STORE_INDEX}: meta.quantization {meta!r} is not one moe-offload "
+            f"writes ({e}); convert the checkpoint again: "
+            f"moe-offload convert CHECKPOINT {store.path} --overwrite"
+        ) from None
+    if asked is not None and asked != stored:
+        held = (
+            "unquantized experts"
+            if stored is None
+            else f"{stored.name} experts (group size {stored.group_size})"
+        )
+        raise StoreError(
+            f"{store.path}: holds {held}, not {asked.name} with group size {asked.group_size} as asked; "
+            f"leave quantize unset to load it as it is, or convert again: moe-offload convert CHECKPOINT "
+            f"{store.path} --quantize {asked.name} --group-size {asked.group_size} --overwrite"
+        )
+    return stored
 
 
 _DTYPE_NAMES = {"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2"}

@@ -35,6 +35,7 @@ from moe_offload._core import (
 )
 from moe_offload.adapters import SUPPORTED_FAMILIES, ExpertBlock, TensorSpec, find_expert_blocks
 from moe_offload.progress import progress
+from moe_offload.quantization import Quantization, Scratch
 from moe_offload.runtime import (
     BatchLayout,
     GatedMethods,
@@ -93,8 +94,10 @@ class Offloader:
         eamc_path: Path | None,
         host: HostMemory,
         backing: StoreBacking | None = None,
+        quantization: Quantization | None = None,
     ) -> None:
         self.model = model
+        self.quantization = quantization
         self.cpu_experts = cache.cpu_experts
         self._host: HostMemory | None = host
         self.blocks = blocks
@@ -149,6 +152,8 @@ class Offloader:
         stats["slots"] = self.n_slots
         stats["slot_bytes"] = self.slot_bytes
         stats["moe_layers"] = len(self.blocks)
+        stats["expert_bytes"] = max(b.expert_bytes for b in self.blocks)
+        stats["quantization"] = None if self.quantization is None else self.quantization.name
         stats["backend"] = self.cache.backend
         host = self.cache.host_stats()
         if host is not None and self.backing is not None:
@@ -241,6 +246,8 @@ def patch(
     copy_workers: int = 1,
     cpu_experts: str = "auto",
     cpu_threads: int | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
     show_progress: bool | None = None,
 ) -> Offloader:
     """Offload `model`'s routed experts: their weights move into the core's
@@ -257,8 +264,12 @@ def patch(
     `offloader.save_eamc()`, at `unpatch` and at interpreter exit.
     `eamc_capacity` is the number of requests the EAMC keeps, `prefetch_depth`
     the prefetches queued per plan (None: the default), `copy_workers` the
-    threads copying experts into slots. `show_progress` shows a progress bar
-    while the experts move (None: only when stderr is a terminal).
+    threads copying experts into slots. `quantize` ("int8" or "int4") keeps
+    every expert matrix quantized in the host tier and the slots (weight-only,
+    one scale per `group_size` input features, default 128; see
+    `moe_offload.quantization`), dequantized just before it runs.
+    `show_progress` shows a progress bar while the experts move (None: only
+    when stderr is a terminal).
 
     While patched, the model refuses `.to()`, `.cuda()`, `.half()` and the
     like, and `save_pretrained`, with `PatchStateError` (unpatch first);
@@ -279,6 +290,7 @@ def patch(
         copy_workers=copy_workers,
         cpu_experts=cpu_experts,
         cpu_threads=cpu_threads,
+        scheme=Quantization.parse(quantize, group_size),
         show_progress=show_progress,
     )
 
@@ -296,10 +308,12 @@ def _patch(
     cpu_experts: str,
     cpu_threads: int | None,
     show_progress: bool | None,
+    scheme: Quantization | None = None,
     backing: StoreBacking | None = None,
 ) -> Offloader:
     """`patch`, with the experts either moved from the model into the host
-    tier or, given `backing`, read from an expert store."""
+    tier or, given `backing`, read from an expert store; their blobs
+    quantized with `scheme` (a store's must be so already)."""
     if getattr(model, _ATTR, None) is not None:
         raise PatchStateError("this model is already patched; call moe_offload.unpatch(model) first")
     check_arguments(
@@ -319,6 +333,9 @@ def _patch(
             f"{type(model).__name__} has no MoE block moe-offload can offload. "
             f"Supported families: {', '.join(SUPPORTED_FAMILIES)}."
         )
+    if scheme is not None:
+        for block in blocks:
+            block.quantize(scheme)
     check_eamc_fits(
         eamc_capacity, len(blocks), max(b.num_experts for b in blocks), f"eamc_capacity={eamc_capacity}"
     )
@@ -354,6 +371,7 @@ def _patch(
     )
     tracker = RequestTracker(cache)
     host = HostMemory(cache)
+    scratch = Scratch()
     # Block by block, the experts go into the host tier (unless an expert
     # store holds them) and the model's own copies are freed, so memory holds
     # each expert once (plus one block). From the first block on, a failure
@@ -365,7 +383,10 @@ def _patch(
             for layer, block in enumerate(blocks):
                 if backing is None:
                     _fill_host_tier(cache, layer, block)
-                block.offload(LayerRuntime(cache, layer, pool, host, block.specs, tracker, cpu_threads))
+                runtime = LayerRuntime(
+                    cache, layer, pool, host, block.specs, tracker, cpu_threads, block.codec, scratch
+                )
+                block.offload(runtime)
                 offloaded.append(block)
                 bar.update(block.num_experts * block.expert_bytes if backing is None else 0)
         _move_non_experts(model, target)
@@ -393,6 +414,7 @@ def _patch(
         None if eamc_path is None else Path(eamc_path),
         host,
         backing,
+        scheme,
     )
     if backing is None and places_by_cost(offloader):
         calibrate_cpu(offloader)
@@ -717,7 +739,7 @@ def calibrate_cpu(offloader: Offloader) -> None:
     (a cold start); different experts, so the weights come from memory."""
     cache, block = offloader.cache, offloader.blocks[0]
     generator = torch.Generator().manual_seed(0)
-    dtype = block.specs[0].dtype
+    dtype = block.weight_specs[0].dtype
     for run, tokens in enumerate((1, 1, CALIBRATION_TOKENS, CALIBRATION_TOKENS)):
         expert = run % block.num_experts
         states = torch.randn(tokens, block.input_features, generator=generator).to(dtype)
@@ -726,6 +748,8 @@ def calibrate_cpu(offloader: Offloader) -> None:
             weights = offloader.host.views(address, block.specs)
             with torch.no_grad():
                 started = time.perf_counter()
+                if block.codec is not None:  # dequantizing is part of running it
+                    weights = block.codec.decode(weights)
                 block.run_expert(expert, weights, states)
                 elapsed = time.perf_counter() - started
         finally:
@@ -742,7 +766,7 @@ def places_by_cost(offloader: Offloader) -> bool:
 
 def _fill_host_tier(cache: ExpertCache, layer: int, block: ExpertBlock) -> None:
     for expert in range(block.num_experts):
-        for spec, tensor in block.expert_tensors(expert):
+        for spec, tensor in block.blob_tensors(expert):
             host = _host_copy(block, spec, tensor)
             cache.write_expert(layer, expert, spec.offset, host.data_ptr(), spec.nbytes)
 
@@ -781,18 +805,32 @@ def _read_back(
     weights). Changes nothing, so a failure here leaves the patch intact."""
     values = []
     for layer, block in enumerate(blocks):
-        tensors: dict[str, torch.Tensor] = {}
+        if not with_values:
+            values.append(
+                {
+                    spec.name: torch.empty((block.num_experts, *spec.shape), dtype=spec.dtype, device="meta")
+                    for spec in block.weight_specs
+                }
+            )
+            continue
+        blobs: dict[str, torch.Tensor] = {}
         for spec in block.specs:
-            shape = (block.num_experts, *spec.shape)
-            if not with_values:
-                tensors[spec.name] = torch.empty(shape, dtype=spec.dtype, device="meta")
-                continue
-            stacked = torch.empty(shape, dtype=spec.dtype)
+            stacked = torch.empty((block.num_experts, *spec.shape), dtype=spec.dtype)
             for expert in range(block.num_experts):
                 cache.read_expert(layer, expert, spec.offset, stacked[expert].data_ptr(), spec.nbytes)
-            tensors[spec.name] = stacked
-        values.append(tensors)
+            blobs[spec.name] = stacked
+        values.append(blobs if block.codec is None else _dequantized(block, blobs))
     return values
+
+
+def _dequantized(block: ExpertBlock, blobs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacked expert tensors as the model holds them, from stacked blob tensors."""
+    assert block.codec is not None
+    experts = [
+        block.codec.decode({name: t[expert] for name, t in blobs.items()})
+        for expert in range(block.num_experts)
+    ]
+    return {spec.name: torch.stack([e[spec.name].data for e in experts]) for spec in block.weight_specs}
 
 
 def _swap_in(blocks: list[ExpertBlock], values: list[dict[str, torch.Tensor]]) -> None:

@@ -22,8 +22,10 @@ from torch import nn
 
 from moe_offload._core import LATER, ON_CPU, ExpertCache, MoeOffloadError
 from moe_offload.adapters.base import TensorSpec
+from moe_offload.quantization import ExpertCodec, Scratch
 
 SlotViews = dict[str, nn.Parameter]
+_HOST = torch.device("cpu")
 # Runs one expert (its index, its weights) on the tokens routed to it.
 RunExpert = Callable[[int, SlotViews], None]
 
@@ -304,9 +306,13 @@ class LayerRuntime:
         specs: tuple[TensorSpec, ...],
         tracker: RequestTracker,
         cpu_threads: int | None = None,
+        codec: ExpertCodec | None = None,
+        scratch: Scratch | None = None,
     ) -> None:
         self.cache = cache
         self.cpu_threads = cpu_threads
+        self.codec = codec
+        self.scratch = scratch if scratch is not None else Scratch()
         self.tracker = tracker
         self.layer = layer
         self.device = pool.device
@@ -314,6 +320,13 @@ class LayerRuntime:
         self.slot_views = pool.views(specs)
         self.host = host
         self.specs = specs
+
+    def _usable(self, blob: SlotViews, device: torch.device) -> SlotViews:
+        """An expert's weights as the model uses them, from its blob's views
+        (on `device`): the views themselves, or dequantized into scratch."""
+        if self.codec is None:
+            return blob
+        return self.codec.decode(blob, self.scratch.for_codec(self.codec, device))
 
     def observe(self, routing: np.ndarray) -> None:
         """This step's routing at this layer: (tokens, top_k) expert ids."""
@@ -373,7 +386,7 @@ class LayerRuntime:
             for expert, placement in zip(experts, placements, strict=True):
                 if placement >= 0:
                     self.cache.wait(self.layer, expert, stream)
-                    on_device(expert, self.slot_views[placement])
+                    on_device(expert, self._usable(self.slot_views[placement], self.device))
             for expert, placement, count in zip(experts, placements, tokens, strict=True):
                 if placement == ON_CPU:
                     self._run_on_cpu(expert, count, on_cpu)
@@ -396,7 +409,7 @@ class LayerRuntime:
         evicted from the host cache, not rewritten) for the block."""
         address = self.cache.host_acquire(self.layer, expert)
         try:
-            yield self.host.views(address, self.specs)
+            yield self._usable(self.host.views(address, self.specs), _HOST)
         finally:
             self.cache.host_release(self.layer, expert)
 
@@ -412,7 +425,7 @@ class LayerRuntime:
             try:
                 for expert, slot in zip(chunk, slots, strict=True):
                     self.cache.wait(self.layer, expert, stream)
-                    yield expert, self.slot_views[slot]
+                    yield expert, self._usable(self.slot_views[slot], self.device)
             finally:
                 self.cache.release(self.layer, chunk, stream)
 
@@ -423,15 +436,19 @@ class LayerRuntime:
         [placement] = self.cache.place(self.layer, [expert], [tokens])
         if placement == ON_CPU:
             address = self.cache.host_acquire(self.layer, expert)
-            return self.host.views(address, self.specs), True
+            try:
+                return self._usable(self.host.views(address, self.specs), _HOST), True
+            except BaseException:
+                self.cache.host_release(self.layer, expert)
+                raise
         if placement == LATER:
             [placement] = self.cache.fetch(self.layer, [expert])
         try:
             self.cache.wait(self.layer, expert, self._stream())
+            return self._usable(self.slot_views[placement], self.device), False
         except BaseException:
             self.cache.release(self.layer, [expert], self._stream())
             raise
-        return self.slot_views[placement], False
 
     def release(self, expert: int, on_cpu: bool) -> None:
         if on_cpu:

@@ -57,6 +57,6 @@ def expert_parameter_names(blocks: list[ExpertBlock]) -> set[str]:
     return {
         block.parameter_name(spec, expert)[0]
         for block in blocks
-        for spec in block.specs
+        for spec in block.weight_specs
         for expert in range(block.num_experts)
     }

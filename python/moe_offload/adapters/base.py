@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from moe_offload.quantization import ExpertCodec, Quantization
+
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
 
@@ -72,9 +74,14 @@ def refill(param: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
 
 
 class ExpertBlock(ABC):
-    """The routed experts of one MoE layer, as a module of the model holds them."""
+    """The routed experts of one MoE layer, as a module of the model holds them.
+
+    `weight_specs` are an expert's tensors as the model holds them; `specs`
+    (and `expert_bytes`) its blob's, which differ once `quantize` has set a
+    `codec` that maps one to the other."""
 
     layout: str = ""
+    weights_transposed = False  # whether the model holds matrices as [in, out]
 
     def __init__(self, name: str, module: nn.Module, num_experts: int, top_k: int) -> None:
         self.name = name
@@ -82,7 +89,28 @@ class ExpertBlock(ABC):
         self.num_experts = num_experts
         self.top_k = top_k
         self.specs: tuple[TensorSpec, ...] = ()
+        self.weight_specs: tuple[TensorSpec, ...] = ()
         self.expert_bytes = 0
+        self.codec: ExpertCodec | None = None
+
+    def _set_specs(self, tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        self.specs, self.expert_bytes = pack(tensors)
+        self.weight_specs = self.specs
+
+    def quantize(self, scheme: Quantization) -> None:
+        """Its experts' blobs hold their matrices quantized with `scheme`."""
+        tensors = [(s.name, s.shape, s.dtype) for s in self.weight_specs]
+        self.codec = ExpertCodec(tensors, self.weights_transposed, scheme)
+        self.specs, self.expert_bytes = pack(self.codec.blob_tensors())
+
+    def blob_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        """The expert's blob tensors, one per spec (quantized as the codec says)."""
+        if self.codec is None:
+            yield from self.expert_tensors(expert)
+            return
+        encoded = self.codec.encode({spec.name: t for spec, t in self.expert_tensors(expert)})
+        for spec in self.specs:
+            yield spec, encoded[spec.name]
 
     @abstractmethod
     def parameters(self) -> list[nn.Parameter]:
@@ -90,12 +118,12 @@ class ExpertBlock(ABC):
 
     @abstractmethod
     def parameter_name(self, spec: TensorSpec, expert: int) -> tuple[str, int | None]:
-        """The model parameter (full name) that holds `spec` of `expert`, and
+        """The model parameter (full name) that holds weight spec `spec` of `expert`, and
         the expert's index along its first dimension when experts are fused."""
 
     @abstractmethod
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-        """The expert's current tensors (before offloading), one per spec."""
+        """The expert's current tensors (before offloading), one per weight spec."""
 
     @abstractmethod
     def offload(self, runtime: LayerRuntime) -> None:

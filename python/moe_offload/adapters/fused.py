@@ -25,7 +25,6 @@ from moe_offload.adapters.base import (
     TensorSpec,
     free_storage,
     meta_placeholder,
-    pack,
     refill,
 )
 
@@ -67,7 +66,8 @@ class FusedExperts(ExpertBlock):
         if unknown:
             raise UnsupportedModelError(f"{name}: unknown expert tensors {sorted(unknown)}")
         params = [(n, module._parameters[n]) for n in self.names]
-        self.specs, self.expert_bytes = pack([(n, tuple(p.shape[1:]), p.dtype) for n, p in params])
+        self._set_specs([(n, tuple(p.shape[1:]), p.dtype) for n, p in params])
+        self.weights_transposed = bool(module.is_transposed)
         self._originals: dict[str, nn.Parameter] = {}
         self._config_implementation: str | None = None
         # Read before any block is offloaded: the layers share one config,
@@ -81,7 +81,7 @@ class FusedExperts(ExpertBlock):
         return f"{self.name}.{spec.name}", expert
 
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-        for spec in self.specs:
+        for spec in self.weight_specs:
             yield spec, self.module._parameters[spec.name].data[expert]
 
     def offload(self, runtime: LayerRuntime) -> None:
@@ -93,7 +93,7 @@ class FusedExperts(ExpertBlock):
         config = self.module.config
         self._config_implementation = config._experts_implementation
         config._experts_implementation = IMPLEMENTATION
-        stacked = runtime.in_place(self.num_experts)
+        stacked = runtime.in_place(self.num_experts) if self.codec is None else None
         if stacked is not None:
             # The model's own implementation, run over the host tier's views.
             original = type(self.module).forward.__wrapped__
@@ -103,7 +103,7 @@ class FusedExperts(ExpertBlock):
     @property
     def input_features(self) -> int:
         # down_proj maps the intermediate width back to the hidden width.
-        [down] = [spec for spec in self.specs if spec.name == "down_proj"]
+        [down] = [spec for spec in self.weight_specs if spec.name == "down_proj"]
         return down.shape[1] if self.module.is_transposed else down.shape[0]
 
     def run_expert(self, expert: int, weights: dict[str, nn.Parameter], states: torch.Tensor) -> torch.Tensor:

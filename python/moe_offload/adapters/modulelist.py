@@ -23,7 +23,6 @@ from moe_offload.adapters.base import (
     TensorSpec,
     free_storage,
     meta_placeholder,
-    pack,
     refill,
 )
 
@@ -64,7 +63,7 @@ class ExpertContainer(ExpertBlock):
         names = {id(child): child_name for child_name, child in module.named_children()}
         self.child_names = [names[id(expert)] for expert in self.experts]
         params = list(self.experts[0].named_parameters())
-        self.specs, self.expert_bytes = pack([(n, tuple(p.shape), p.dtype) for n, p in params])
+        self._set_specs([(n, tuple(p.shape), p.dtype) for n, p in params])
         self._hooks: list[Any] = []
         self._originals: list[dict[str, nn.Parameter]] = []
         self._placeholders: list[dict[str, nn.Parameter]] = []
@@ -77,7 +76,7 @@ class ExpertContainer(ExpertBlock):
 
     def expert_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         params = dict(self.experts[expert].named_parameters())
-        for spec in self.specs:
+        for spec in self.weight_specs:
             yield spec, params[spec.name].data
 
     def offload(self, runtime: LayerRuntime) -> None:
