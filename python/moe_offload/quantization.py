@@ -29,7 +29,13 @@ from moe_offload._core import MoeOffloadError
 SCHEMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
 _PER_WORD = 8  # int4 values in one int32
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+_SHIFTS: dict[torch.device, torch.Tensor] = {}  # each int4 value's bit offset in its word, per device
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    if device not in _SHIFTS:
+        _SHIFTS[device] = torch.arange(0, 32, 4, dtype=torch.int32, device=device)
+    return _SHIFTS[device]
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,7 @@ def _pack_int4(values: torch.Tensor) -> torch.Tensor:
     words = math.ceil(cols / _PER_WORD)
     padded = torch.zeros(rows, words * _PER_WORD, dtype=torch.int64, device=values.device)
     padded[:, :cols] = values
-    shifts = _SHIFTS.to(device=values.device, dtype=torch.int64)
+    shifts = _shifts(values.device).to(torch.int64)
     packed = (padded.view(rows, words, _PER_WORD) << shifts).sum(-1)
     # The top nibble makes words of 2^31 and more: the same 32 bits as a signed int32.
     return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
@@ -213,7 +219,7 @@ def dequantize(
     """The [out, in] matrix in `scale`'s dtype, written into `out` when given."""
     rows, cols = out_in
     if scheme.bits == 4:
-        shifts = _SHIFTS.to(packed.device)
+        shifts = _shifts(packed.device)
         values = ((packed.unsqueeze(-1) >> shifts) & 15).view(rows, -1)[:, :cols] - 8
     else:
         values = packed

@@ -39,6 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-experts", choices=CPU_EXPERTS, default="auto", help="where misses run (default: %(default)s)"
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="keep the experts quantized (converted into --store-dir on first use; a quantized store "
+        "is served as it is)",
+    )
+    parser.add_argument(
+        "--group-size", type=int, metavar="N", help="input features per quantization scale (default: 128)"
+    )
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: PATH)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -155,6 +164,8 @@ def build_engine(args: argparse.Namespace, eamc_path: str | None) -> Engine:
         policy=args.policy,
         eamc_path=eamc_path,
         cpu_experts=args.cpu_experts,
+        quantize=args.quantize,
+        group_size=args.group_size,
     )
     if model.config.is_encoder_decoder:
         raise MoeOffloadError(
