@@ -30,7 +30,7 @@ def test_every_weight_is_within_half_a_step_of_its_group(bits, dtype):
     scheme = Quantization(bits, 16)
     packed, scale = quantize(weight, scheme, dtype)
     assert scale.shape == (12, 3) and scale.dtype == dtype
-    assert packed.shape == ((12, 45) if bits == 8 else (12, 6))
+    assert packed.shape == ((12, 12) if bits == 8 else (12, 6)) and packed.dtype == torch.int32
     restored = dequantize(packed, scale, scheme, (12, 45))
     step = scale.float().repeat_interleave(16, dim=1)[:, :45]
     error = (restored.float() - weight.float()).abs()
@@ -48,6 +48,14 @@ def test_int4_values_are_packed_eight_to_an_int32_lowest_bits_first():
     assert scales.tolist() == [[1.0]]
     # q + 8 = 0..15: nibble i of word w holds value 8 w + i.
     assert packed.tolist() == [[0x76543210, 0xFEDCBA98 - (1 << 32)]]
+
+
+def test_int8_values_are_offset_and_packed_four_to_an_int32():
+    weight = torch.tensor([[-127.5, -1.0, 0.0, 1.0, 127.0, 2.0]])
+    packed, scales = quantize(weight, Quantization(8, 8), torch.float32)
+    assert scales.tolist() == [[1.0]]
+    # q + 128 = 0, 127, 128, 129 | 255, 130 (and two zeros of padding).
+    assert packed.tolist() == [[0x81807F00 - (1 << 32), 0x000082FF]]
 
 
 def _dequantized_copy(model: torch.nn.Module, scheme: Quantization) -> torch.nn.Module:

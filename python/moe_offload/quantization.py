@@ -5,9 +5,9 @@ The layout is compressed-tensors' "pack-quantized" one (what llmcompressor
 writes and vLLM reads), per expert matrix W of shape [out, in] (the model's
 [in, out] matrices, `is_transposed`, are quantized as their transpose):
 
-- `<name>_packed`: int4 values q + 8 (0..15), eight to an int32, the first
-  in the lowest four bits, rows padded with zeros to a multiple of eight
-  values ([out, ceil(in / 8)] int32); int8 values as they are ([out, in] int8).
+- `<name>_packed`: each value stored as q + 2^(bits-1) (0..15 for int4,
+  0..255 for int8), 32 / bits of them to an int32, the first in the lowest
+  bits, rows padded with zeros to whole words ([out, ceil(in * bits / 32)]).
 - `<name>_scale`: [out, ceil(in / group_size)] in the model's dtype.
 - W[o, i] = q[o, i] * scale[o, i // group_size], q = clamp(round(W / scale),
   -2^(bits-1), 2^(bits-1) - 1), scale = max |W| over the group / (2^bits - 1) * 2.
@@ -28,14 +28,15 @@ from moe_offload._core import MoeOffloadError
 
 SCHEMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
-_PER_WORD = 8  # int4 values in one int32
-_SHIFTS: dict[torch.device, torch.Tensor] = {}  # each int4 value's bit offset in its word, per device
+# Each value's bit offset in its int32 word, per (bits, device).
+_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _shifts(device: torch.device) -> torch.Tensor:
-    if device not in _SHIFTS:
-        _SHIFTS[device] = torch.arange(0, 32, 4, dtype=torch.int32, device=device)
-    return _SHIFTS[device]
+def _shifts(bits: int, device: torch.device) -> torch.Tensor:
+    key = (bits, device)
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(0, 32, bits, dtype=torch.int32, device=device)
+    return _SHIFTS[key]
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,7 @@ class ExpertCodec:
         for m in self.matrices.values():
             rows, cols = m.out_in
             groups = math.ceil(cols / self.scheme.group_size)
-            if self.scheme.bits == 4:
-                out.append((m.name + "_packed", (rows, math.ceil(cols / _PER_WORD)), torch.int32))
-            else:
-                out.append((m.name + "_packed", (rows, cols), torch.int8))
+            out.append((m.name + "_packed", (rows, math.ceil(cols * self.scheme.bits / 32)), torch.int32))
             out.append((m.name + "_scale", (rows, groups), m.dtype))
         out += [(name, shape, dtype) for name, (shape, dtype) in self.kept.items()]
         return out
@@ -191,21 +189,22 @@ def quantize(
     # A group of zeros gets scale 0; its values are 0 whatever q is.
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale).float().unsqueeze(-1)
     low, high = -(1 << (scheme.bits - 1)), (1 << (scheme.bits - 1)) - 1
-    q = torch.round(grouped / divisor).clamp_(low, high).view(rows, -1)[:, :cols].to(torch.int32)
-    if scheme.bits == 8:
-        return q.to(torch.int8), scale
-    return _pack_int4(q + 8), scale
+    q = torch.round(grouped / divisor).clamp_(low, high).view(rows, -1)[:, :cols].to(torch.int64)
+    return _pack(q - low, scheme.bits), scale
 
 
-def _pack_int4(values: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] of 0..15 into [rows, ceil(cols / 8)] int32, little end first."""
+def _pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, cols] of 0..2^bits - 1 into [rows, ceil(cols * bits / 32)]
+    int32, 32 / bits to a word, the first in the lowest bits."""
     rows, cols = values.shape
-    words = math.ceil(cols / _PER_WORD)
-    padded = torch.zeros(rows, words * _PER_WORD, dtype=torch.int64, device=values.device)
+    per_word = 32 // bits
+    words = math.ceil(cols / per_word)
+    padded = torch.zeros(rows, words * per_word, dtype=torch.int64, device=values.device)
     padded[:, :cols] = values
-    shifts = _shifts(values.device).to(torch.int64)
-    packed = (padded.view(rows, words, _PER_WORD) << shifts).sum(-1)
-    # The top nibble makes words of 2^31 and more: the same 32 bits as a signed int32.
+    shifts = _shifts(bits, values.device).to(torch.int64)
+    packed = (padded.view(rows, words, per_word) << shifts).sum(-1)
+    # A top value of 2^(bits-1) or more makes a word of 2^31 or more: the
+    # same 32 bits as a negative int32.
     return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
@@ -218,12 +217,10 @@ def dequantize(
 ) -> torch.Tensor:
     """The [out, in] matrix in `scale`'s dtype, written into `out` when given."""
     rows, cols = out_in
-    if scheme.bits == 4:
-        shifts = _shifts(packed.device)
-        values = ((packed.unsqueeze(-1) >> shifts) & 15).view(rows, -1)[:, :cols] - 8
-    else:
-        values = packed
-    values = values.to(scale.dtype)
+    bits = scheme.bits
+    # Arithmetic shifts sign-extend the top value; the mask drops that.
+    fields = (packed.unsqueeze(-1) >> _shifts(bits, packed.device)) & ((1 << bits) - 1)
+    values = (fields.view(rows, -1)[:, :cols] - (1 << (bits - 1))).to(scale.dtype)
     group = scheme.group_size
     if out is None:
         out = torch.empty(rows, cols, dtype=scale.dtype, device=packed.device)
