@@ -5,13 +5,14 @@ and through a quantized expert store, and the sizes."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from tiny_models import FAMILIES, build, greedy, prompt
 
 import moe_offload
-from moe_offload import MoeOffloadError, StoreError
+from moe_offload import MoeOffloadError, StoreError, UnsupportedModelError
 from moe_offload.adapters import find_expert_blocks
 from moe_offload.conversion import convert
 from moe_offload.quantization import Quantization, dequantize, quantize
@@ -153,3 +154,160 @@ def test_quantized_blobs_are_a_quarter_and_a_half_of_bfloat16(family):
         sizes[scheme] = sum(b.num_experts * b.expert_bytes for b in blocks)
     assert sizes["int4"] <= 0.3 * sizes[None], sizes
     assert sizes["int8"] <= 0.55 * sizes[None], sizes
+
+
+# --- checkpoints that ship quantized experts ----------------------------------------
+
+FP8_BLOCK = 32
+_E4M3_MAX = 448.0
+
+
+def _fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [rows, cols] as block-scaled float8: values and float32 scale_inv per 32 x 32 block."""
+    rows, cols = weight.shape
+    grid = weight.float().view(rows // FP8_BLOCK, FP8_BLOCK, cols // FP8_BLOCK, FP8_BLOCK)
+    scale_inv = grid.abs().amax(dim=(1, 3)).clamp(min=1e-12) / _E4M3_MAX
+    values = (grid / scale_inv[:, None, :, None]).to(torch.float8_e4m3fn).view(rows, cols)
+    return values, scale_inv
+
+
+_FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [..., out, in] as mxfp4: blocks [..., out, in/32, 16] and e8m0 scales [..., out, in/32]."""
+    groups = weight.float().unflatten(-1, (-1, 32))
+    exponent = torch.floor(torch.log2(groups.abs().amax(-1, keepdim=True).clamp(min=2.0**-120))) - 2
+    codes = (groups / torch.exp2(exponent)).clamp(-6, 6).unsqueeze(-1).sub(_FP4).abs().argmin(-1)
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent.squeeze(-1) + 127).to(torch.uint8)
+
+
+def _save_quantized(model: torch.nn.Module, path, quantize, quantization_config: dict) -> None:
+    """Saves `model`, then rewrites its weights as `quantize(name, tensor)`
+    says (a dict of tensors per name) and adds `quantization_config`."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(path)
+    stored = load_file(path / "model.safetensors")
+    rewritten = {}
+    for name, tensor in stored.items():
+        rewritten.update(quantize(name, tensor))
+    save_file(rewritten, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _fp8_checkpoint(path) -> None:
+    """A tiny Qwen3-MoE in DeepSeek-V3-style fp8: every projection (experts
+    one tensor per expert) as float8_e4m3fn with its `weight_scale_inv`."""
+    import transformers as tf
+
+    config = tf.Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not name.endswith("_proj.weight") or "mlp.gate" in name:
+            return {name: tensor}
+        values, scale_inv = _fp8_blocks(tensor)
+        return {name: values, name + "_scale_inv": scale_inv}
+
+    settings = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [FP8_BLOCK] * 2}
+    _save_quantized(model, path, quantize, settings)
+
+
+def _mxfp4_checkpoint(path) -> None:
+    """A tiny GPT-OSS as its published checkpoints ship: experts as mxfp4
+    `*_blocks`/`*_scales` ([experts, out, in/32, ...]), everything else bf16."""
+    import transformers as tf
+
+    config = tf.GptOssConfig(
+        vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj.normal_(0, 0.05)
+            layer.mlp.experts.down_proj.normal_(0, 0.05)
+
+    def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return {name: tensor}
+        blocks, scales = _mxfp4(tensor.transpose(1, 2))  # the model holds [in, out]
+        return {name + "_blocks": blocks, name + "_scales": scales}
+
+    settings = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+    _save_quantized(model, path, quantize, settings)
+
+
+SHIPPED = {"fp8": _fp8_checkpoint, "mxfp4": _mxfp4_checkpoint}
+
+
+def _transformers_tokens(path, ids: torch.Tensor) -> torch.Tensor:
+    """What transformers generates from the checkpoint on this CPU (which
+    dequantizes fp8 and mxfp4 experts as it loads them)."""
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("kind", list(SHIPPED))
+def test_a_checkpoint_shipping_quantized_experts_keeps_them_so_and_gives_transformers_tokens(tmp_path, kind):
+    checkpoint = tmp_path / "checkpoint"
+    SHIPPED[kind](checkpoint)
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    want = _transformers_tokens(checkpoint, ids)
+    with pytest.raises(StoreError, match=f"ships its experts quantized \\({kind}\\); pass store_dir"):
+        moe_offload.from_pretrained(checkpoint, device="cpu")
+    with pytest.raises(
+        StoreError, match=f"convert it without --quantize, and the store keeps them in {kind}"
+    ):
+        convert(checkpoint, tmp_path / "refused", quantize="int4")
+    model, offloader = moe_offload.from_pretrained(checkpoint, device="cpu", store_dir=tmp_path / "store")
+    assert offloader.stats()["quantization"] == kind
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+    # The blobs hold the checkpoint's quantized bytes and scales, not bfloat16.
+    from safetensors import safe_open
+
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        for layer, block in enumerate(offloader.blocks):
+            prefix = f"model.layers.{layer}.mlp.experts."
+            shipped = sum(f.get_tensor(name).nbytes for name in f.keys() if name.startswith(prefix))
+            per_expert = shipped // block.num_experts
+            unaligned = sum(spec.nbytes for spec in block.specs)
+            assert unaligned == per_expert, (layer, unaligned, per_expert)
+            bf16 = sum(math.prod(s.shape) * 2 for s in block.weight_specs)
+            assert block.expert_bytes < (0.6 if kind == "fp8" else 0.35) * bf16
+    # Loaded again from its store, as it is.
+    again, offloader = moe_offload.from_pretrained(tmp_path / "store", device="cpu", device_budget=0)
+    assert offloader.stats()["quantization"] == kind
+    with torch.no_grad():
+        assert torch.equal(again.generate(ids, max_new_tokens=6, do_sample=False), want)
+
+
+def test_checkpoints_quantized_otherwise_are_refused_by_method(tmp_path):
+    import json
+
+    model = build("mixtral")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="quantized with 'awq' are not supported yet"):
+        convert(tmp_path, tmp_path.parent / "store")

@@ -400,13 +400,91 @@ class WeightMap:
         source = self.source(target)
         if source.converter is None:
             [key] = source.keys[None]
-            return {target: read_tensor(self.checkpoint.tensors[key])}
+            return {target: self._read_dequantized(key)}
+        if any(self._fp8_scale(key) for keys in source.keys.values() for key in keys):
+            raise StoreError(
+                f"{self.file_of(target)}: {target} is made of several float8 tensors; such checkpoints are "
+                "supported only for routed experts and for weights stored one tensor each"
+            )
         converter = deepcopy(source.converter)
         for pattern, keys in source.keys.items():
             for key in keys:
                 converter.add_tensor(target, key, pattern, read_tensor(self.checkpoint.tensors[key]))
         converted = converter.convert(target, model=self.model, config=self.model.config)
         return {name: t[0] if isinstance(t, list) else t for name, t in converted.items()}
+
+    def _fp8_scale(self, key: str) -> TensorInfo | None:
+        """The block scales of float8 tensor `key` (its `_scale_inv` sibling), if it is one."""
+        info = self.checkpoint.tensors[key]
+        if info.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return None
+        return self.checkpoint.tensors.get(key + "_scale_inv")
+
+    def _read_dequantized(self, key: str) -> torch.Tensor:
+        """Tensor `key` as stored, or, for a block-scaled float8 tensor, its
+        values times their block's scale in float32 (as transformers
+        dequantizes it; the caller casts to the model's dtype)."""
+        tensor = read_tensor(self.checkpoint.tensors[key])
+        scale = self._fp8_scale(key)
+        if scale is None:
+            return tensor
+        scales = read_tensor(scale).to(torch.float32)
+        rows, cols = tensor.shape[-2:]
+        grid_rows, grid_cols = scales.shape[-2:]
+        if rows % grid_rows or cols % grid_cols:
+            raise StoreError(
+                f"{scale.file}: {key}_scale_inv is {list(scales.shape)}, which does not tile {key} "
+                f"{list(tensor.shape)} in whole blocks"
+            )
+        grid = (grid_rows, rows // grid_rows, grid_cols, cols // grid_cols)
+        product = tensor.to(torch.float32).view(grid) * scales.view(grid_rows, 1, grid_cols, 1)
+        return product.view(rows, cols)
+
+    def quantized_expert_tensors(
+        self, target: str, index: int, num_experts: int, kind: str
+    ) -> dict[str, torch.Tensor]:
+        """One expert's matrix `target` as a checkpoint quantized in `kind`
+        ("fp8", "mxfp4") stores it, by suffix: fp8's values ("") and
+        "_scale_inv"; mxfp4's "_blocks" and "_scales"."""
+        if kind == "mxfp4":
+            found = {}
+            for suffix in ("_blocks", "_scales"):
+                if target + suffix not in self.checkpoint.tensors:
+                    raise StoreError(
+                        f"{self.checkpoint.path}: the mxfp4 checkpoint has no tensor {target + suffix} for "
+                        "the model's experts; it does not match the model config"
+                    )
+                found[suffix] = read_tensor(self._fused_info(target + suffix, num_experts), row=index)
+            return found
+        source = self.source(target)
+        if source.converter is None:
+            [key] = source.keys[None]
+            keys = [key]
+            rows: int | None = index
+        else:
+            if not _stacks_whole_tensors(source.converter):
+                raise StoreError(
+                    f"{self.file_of(target)}: the fp8 experts of {target} are stored in a layout moe-offload "
+                    "cannot read yet"
+                )
+            per_expert = self._per_expert_keys(source, num_experts)
+            keys = [per_expert[p][index] for p in source.converter.source_patterns if p in per_expert]
+            rows = None
+        values, scales = [], []
+        for key in keys:
+            scale = self._fp8_scale(key)
+            if scale is None:
+                raise StoreError(
+                    f"{self.checkpoint.tensors[key].file}: {key} is not a float8 tensor with block scales "
+                    f"({key}_scale_inv) as the checkpoint's fp8 quantization_config says"
+                )
+            if rows is None:
+                values.append(read_tensor(self.checkpoint.tensors[key]))
+                scales.append(read_tensor(scale))
+            else:
+                values.append(read_tensor(self._fused_info(key, num_experts), row=rows))
+                scales.append(read_tensor(self._fused_info(key + "_scale_inv", num_experts), row=rows))
+        return {"": torch.cat(values), "_scale_inv": torch.cat(scales)}
 
     def expert_tensor(self, target: str, index: int | None, num_experts: int) -> torch.Tensor:
         """One expert's part of model tensor `target`: its whole value

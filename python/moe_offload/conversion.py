@@ -31,7 +31,7 @@ from moe_offload._core import __version__ as version
 from moe_offload.adapters import ExpertBlock, TensorSpec
 from moe_offload.checkpoint import DTYPES, Checkpoint, WeightMap, is_side_file, load_config
 from moe_offload.progress import progress
-from moe_offload.quantization import Quantization
+from moe_offload.quantization import Quantization, checkpoint_quantization
 from moe_offload.sizes import format_size
 from moe_offload.skeleton import (
     build_skeleton,
@@ -95,6 +95,7 @@ def convert(
     scheme = Quantization.parse(quantize, group_size)
     source = Checkpoint(checkpoint)
     config = load_config(source.path)
+    scheme = _scheme_for(source.path, config, scheme)
     dtype = resolve_dtype(dtype, config)
     model = build_skeleton(config, dtype)
     blocks = expert_blocks(model)
@@ -131,6 +132,18 @@ def convert(
         writer.abort()
         raise
     return ConversionSummary(store_dir, experts, expert_bytes, file_bytes, time.perf_counter() - started)
+
+
+def _scheme_for(path: Path, config: PretrainedConfig, asked: Quantization | None) -> Quantization | None:
+    """How the store holds the experts: as the checkpoint ships them (fp8,
+    mxfp4), else quantized as `asked`, else as they are."""
+    shipped = checkpoint_quantization(config)
+    if shipped is not None and asked is not None:
+        raise StoreError(
+            f"{path}: ships its experts quantized ({shipped.name}); convert it without --quantize, and "
+            f"the store keeps them in {shipped.name}"
+        )
+    return shipped or asked
 
 
 def _layer_spec(block: ExpertBlock) -> tuple[str, int, int, list[tuple[str, str, list[int], int]]]:
@@ -186,6 +199,10 @@ def _write_side_files(
     checkpoint (generation config, tokenizer)."""
     staging = Path(writer.partial_dir)
     config.dtype = dtype
+    # The store's non-experts are dequantized and its experts' format is in
+    # its index: its config describes the unquantized model.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
     config.to_json_file(staging / "config.json")
     writer.add_file("config.json")
     for path in sorted(source.iterdir()):
@@ -282,6 +299,9 @@ def _blob_tensors(
 ) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
     """The expert's blob tensors, from its checkpoint tensors (quantized
     when the block's codec says so)."""
+    if block.codec is not None and block.codec.scheme.from_checkpoint:
+        yield from _shipped_blob_tensors(weights, block, expert)
+        return
     tensors: dict[str, torch.Tensor] = {}
     for spec in block.weight_specs:
         name, index = block.parameter_name(spec, expert)
@@ -296,3 +316,31 @@ def _blob_tensors(
         tensors = block.codec.encode(tensors)
     for spec in block.specs:
         yield spec, tensors[spec.name]
+
+
+def _shipped_blob_tensors(
+    weights: WeightMap, block: ExpertBlock, expert: int
+) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+    """The expert's blob tensors from a checkpoint that ships them quantized:
+    its matrices' bytes as stored, its other tensors converted as usual."""
+    assert block.codec is not None
+    scheme = block.codec.scheme
+    tensors: dict[str, torch.Tensor] = {}
+    for spec in block.weight_specs:
+        name, index = block.parameter_name(spec, expert)
+        if index is None:
+            raise StoreError(f"{block.name}: {scheme.name} experts are read only from fused expert tensors")
+        if spec.name in block.codec.matrices:
+            stored = weights.quantized_expert_tensors(name, index, block.num_experts, scheme.kind)
+            tensors.update({spec.name + suffix: t for suffix, t in stored.items()})
+        else:
+            tensors[spec.name] = weights.expert_tensor(name, index, block.num_experts).to(spec.dtype)
+    for spec in block.specs:
+        tensor = tensors[spec.name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise StoreError(
+                f"{weights.checkpoint.path}: expert {expert} of {block.name}: {spec.name} is "
+                f"{list(tensor.shape)} {tensor.dtype}, but {scheme.name} "
+                f"experts of the model config need {list(spec.shape)} {spec.dtype}"
+            )
+        yield spec, tensor

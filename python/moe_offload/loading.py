@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from moe_offload._core import BudgetError, ExpertStore, MoeOffloadError, StoreError
 from moe_offload.adapters import ExpertBlock
@@ -49,7 +49,7 @@ from moe_offload.offloader import (
     resolve_device,
 )
 from moe_offload.progress import progress
-from moe_offload.quantization import Quantization
+from moe_offload.quantization import Quantization, checkpoint_quantization
 from moe_offload.sizes import format_size, parse_size
 from moe_offload.skeleton import (
     build_skeleton,
@@ -128,7 +128,7 @@ def from_pretrained(
     asked = Quantization.parse(quantize, group_size)
     checkpoint, store = _locate(path, store_dir, dtype, asked, show_progress)
     config = load_config(Path(store.path) if store is not None else path)
-    scheme = None if store is None else _stored_quantization(store, asked)
+    scheme = _shipped_in_place(path, config) if store is None else _stored_quantization(store, asked)
     if store is not None:
         stored = _meta(store)["dtype"]
         if dtype is not None and dtype_name(resolve_dtype(dtype, config)) != stored:
@@ -266,6 +266,17 @@ def _meta(store: ExpertStore) -> dict:
             f"again: moe-offload convert CHECKPOINT {store.path} --overwrite"
         )
     return meta
+
+
+def _shipped_in_place(path: Path, config: PretrainedConfig) -> None:
+    """Refuses to read a checkpoint with quantized experts in place: they are
+    kept quantized in an expert store."""
+    shipped = checkpoint_quantization(config)
+    if shipped is not None:
+        raise StoreError(
+            f"{path}: ships its experts quantized ({shipped.name}); pass store_dir=DIR to convert it into "
+            f"an expert store on first use, which keeps them in {shipped.name}"
+        )
 
 
 def _stored_quantization(store: ExpertStore, asked: Quantization | None) -> Quantization | None:

@@ -24,10 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_offload._core import MoeOffloadError
+from moe_offload._core import MoeOffloadError, UnsupportedModelError
 
 SCHEMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
+MXFP4_GROUP = 32  # values sharing one scale; two to a byte, so 16 bytes a group
+# e2m1 values by their 4-bit code (sign in the top bit).
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 # Each value's bit offset in its int32 word, per (bits, device).
 _SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -41,15 +44,26 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Quantization:
-    """A quantization scheme: `bits` per weight, one scale per `group_size`
-    input features."""
+    """How expert matrices are quantized. `kind` "int": moe-offload's own
+    int8/int4 (`bits`, one scale per `group_size` input features), made from
+    unquantized weights; "fp8" (block-scaled float8_e4m3fn, one float32
+    scale per `block` of [rows, columns]) and "mxfp4" (GPT-OSS's e2m1 values
+    with one power-of-two scale per 32) are read from checkpoints that ship
+    in those formats, as they are."""
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
+    kind: str = "int"
+    block: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
-        return f"int{self.bits}"
+        return f"int{self.bits}" if self.kind == "int" else self.kind
+
+    @property
+    def from_checkpoint(self) -> bool:
+        """Whether experts come quantized from the checkpoint (not made here)."""
+        return self.kind != "int"
 
     @classmethod
     def parse(cls, name: str | None, group_size: int | None = None) -> Quantization | None:
@@ -69,14 +83,38 @@ class Quantization:
             )
         return cls(SCHEMES[name], group)
 
+    @classmethod
+    def fp8(cls, block: tuple[int, int]) -> Quantization:
+        return cls(8, block[1], "fp8", (int(block[0]), int(block[1])))
+
+    @classmethod
+    def mxfp4(cls) -> Quantization:
+        return cls(4, MXFP4_GROUP, "mxfp4")
+
     def to_json(self) -> dict[str, object]:
+        if self.kind == "fp8":
+            return {"format": "fp8-block", "scheme": "fp8", "block": list(self.block or ())}
+        if self.kind == "mxfp4":
+            return {"format": "mxfp4", "scheme": "mxfp4"}
         return {"format": "pack-quantized", "scheme": self.name, "group_size": self.group_size}
 
     @classmethod
     def from_json(cls, meta: dict[str, object]) -> Quantization:
-        scheme = cls.parse(str(meta.get("scheme")), meta.get("group_size"))  # type: ignore[arg-type]
-        assert scheme is not None
-        return scheme
+        scheme = meta.get("scheme")
+        if scheme == "fp8":
+            block = meta.get("block")
+            if not (
+                isinstance(block, list)
+                and len(block) == 2
+                and all(isinstance(b, int) and b > 0 for b in block)
+            ):
+                raise MoeOffloadError(f"an fp8 scheme needs a block of two positive sizes, not {block!r}")
+            return cls.fp8((block[0], block[1]))
+        if scheme == "mxfp4":
+            return cls.mxfp4()
+        parsed = cls.parse(str(scheme), meta.get("group_size"))  # type: ignore[arg-type]
+        assert parsed is not None
+        return parsed
 
 
 @dataclass(frozen=True)
@@ -108,24 +146,65 @@ class ExpertCodec:
         for name, shape, dtype in tensors:
             if len(shape) == 2 and dtype.is_floating_point:
                 self.matrices[name] = QuantizedMatrix(name, (shape[0], shape[1]), dtype, transposed)
+                self._check_fits(self.matrices[name])
             else:
                 self.kept[name] = (tuple(shape), dtype)
         if not self.matrices:
             raise MoeOffloadError("these experts have no weight matrix to quantize")
 
+    def _check_fits(self, matrix: QuantizedMatrix) -> None:
+        rows, cols = matrix.out_in
+        if self.scheme.kind == "fp8":
+            assert self.scheme.block is not None
+            block_rows, block_cols = self.scheme.block
+            if rows % block_rows or cols % block_cols:
+                raise MoeOffloadError(
+                    f"expert matrix {matrix.name} is {rows} x {cols}, which fp8 blocks of "
+                    f"{block_rows} x {block_cols} do not tile; such checkpoints are not supported yet"
+                )
+        elif self.scheme.kind == "mxfp4" and cols % MXFP4_GROUP:
+            raise MoeOffloadError(
+                f"expert matrix {matrix.name} has {cols} input features, not a multiple of "
+                f"{MXFP4_GROUP} as mxfp4 needs"
+            )
+
     def blob_tensors(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """The tensors of a quantized expert's blob, in order."""
         out: list[tuple[str, tuple[int, ...], torch.dtype]] = []
         for m in self.matrices.values():
-            rows, cols = m.out_in
-            groups = math.ceil(cols / self.scheme.group_size)
-            out.append((m.name + "_packed", (rows, math.ceil(cols * self.scheme.bits / 32)), torch.int32))
-            out.append((m.name + "_scale", (rows, groups), m.dtype))
+            out += self._matrix_tensors(m)
         out += [(name, shape, dtype) for name, (shape, dtype) in self.kept.items()]
         return out
 
+    def _matrix_tensors(self, m: QuantizedMatrix) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        rows, cols = m.out_in
+        scheme = self.scheme
+        if scheme.kind == "fp8":
+            assert scheme.block is not None
+            scales = (rows // scheme.block[0], cols // scheme.block[1])
+            return [
+                (m.name, (rows, cols), torch.float8_e4m3fn),
+                (m.name + "_scale_inv", scales, torch.float32),
+            ]
+        if scheme.kind == "mxfp4":
+            groups = cols // MXFP4_GROUP
+            return [
+                (m.name + "_blocks", (rows, groups, MXFP4_GROUP // 2), torch.uint8),
+                (m.name + "_scales", (rows, groups), torch.uint8),
+            ]
+        groups = math.ceil(cols / scheme.group_size)
+        return [
+            (m.name + "_packed", (rows, math.ceil(cols * scheme.bits / 32)), torch.int32),
+            (m.name + "_scale", (rows, groups), m.dtype),
+        ]
+
     def encode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One expert's tensors (as the model holds them) as its blob's."""
+        if self.scheme.from_checkpoint:
+            raise MoeOffloadError(
+                f"{self.scheme.name} experts are read from checkpoints that ship them; moe-offload "
+                "quantizes only to int8 or int4"
+            )
         blob: dict[str, torch.Tensor] = {}
         for m in self.matrices.values():
             weight = tensors[m.name].T if m.transposed else tensors[m.name]
@@ -142,10 +221,20 @@ class ExpertCodec:
         tensors: dict[str, nn.Parameter] = {}
         for m in self.matrices.values():
             out = None if scratch is None else scratch[m.name]
-            weight = dequantize(blob[m.name + "_packed"], blob[m.name + "_scale"], self.scheme, m.out_in, out)
+            weight = self._dequantize(m, blob, out)
             tensors[m.name] = nn.Parameter(weight.T if m.transposed else weight, requires_grad=False)
         tensors.update({name: blob[name] for name in self.kept})
         return tensors
+
+    def _dequantize(
+        self, m: QuantizedMatrix, blob: dict[str, nn.Parameter], out: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.scheme.kind == "fp8":
+            assert self.scheme.block is not None
+            return dequantize_fp8(blob[m.name], blob[m.name + "_scale_inv"], self.scheme.block, m.dtype, out)
+        if self.scheme.kind == "mxfp4":
+            return dequantize_mxfp4(blob[m.name + "_blocks"], blob[m.name + "_scales"], m.dtype, out)
+        return dequantize(blob[m.name + "_packed"], blob[m.name + "_scale"], self.scheme, m.out_in, out)
 
     @property
     def key(self) -> tuple[tuple[str, tuple[int, int], torch.dtype], ...]:
@@ -229,3 +318,80 @@ def dequantize(
     else:
         torch.mul(values, scale.repeat_interleave(group, dim=1)[:, :cols], out=out)
     return out
+
+
+def dequantize_fp8(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A block-scaled float8 matrix [rows, cols] in `dtype`: each value times
+    its block's float32 scale, in float32, rounded once (as transformers
+    dequantizes these checkpoints)."""
+    rows, cols = weight.shape
+    grid = (rows // block[0], block[0], cols // block[1], block[1])
+    product = weight.to(torch.float32).view(grid) * scale_inv.view(grid[0], 1, grid[2], 1)
+    if out is None:
+        return product.view(rows, cols).to(dtype)
+    return out.copy_(product.view(rows, cols))
+
+
+_FP4_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An mxfp4 matrix [rows, groups * 32] in `dtype` from its `blocks`
+    [rows, groups, 16] (the even value in the low four bits) and `scales`
+    [rows, groups] (exponents biased by 127): the e2m1 value in `dtype`,
+    scaled by its power of two (as transformers dequantizes GPT-OSS)."""
+    rows, groups, half = blocks.shape
+    key = (dtype, blocks.device)
+    if key not in _FP4_TABLES:
+        _FP4_TABLES[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    table = _FP4_TABLES[key]
+    if out is None:
+        out = torch.empty(rows, groups * half * 2, dtype=dtype, device=blocks.device)
+    values = out.view(rows * groups, half * 2)
+    flat = blocks.reshape(rows * groups, half)
+    values[:, 0::2] = table[(flat & 0x0F).to(torch.int)]
+    values[:, 1::2] = table[(flat >> 4).to(torch.int)]
+    torch.ldexp(values, scales.reshape(rows * groups, 1).to(torch.int32) - 127, out=values)
+    return out
+
+
+def checkpoint_quantization(config: object) -> Quantization | None:
+    """How a checkpoint's config says its experts ship quantized: fp8
+    (block-scaled) or mxfp4, read as they are; None when unquantized. Any
+    other method is refused with what moe-offload reads instead."""
+    found = getattr(config, "quantization_config", None)
+    if found is None:
+        return None
+    settings = found if isinstance(found, dict) else found.to_dict()
+    method = settings.get("quant_method")
+    if method == "mxfp4":
+        return Quantization.mxfp4()
+    if method == "fp8":
+        block = settings.get("weight_block_size")
+        scale_fmt, expert_dtype = settings.get("scale_fmt", "float"), settings.get("expert_dtype", "fp8")
+        unsupported = [
+            what
+            for what, ok in (
+                ("per-tensor scales (no weight_block_size)", block is not None),
+                (f"scale_fmt {scale_fmt!r}", scale_fmt == "float"),
+                (f"expert_dtype {expert_dtype!r}", expert_dtype == "fp8"),
+            )
+            if not ok
+        ]
+        if unsupported:
+            raise UnsupportedModelError(f"fp8 checkpoints with {unsupported[0]} are not supported yet")
+        assert block is not None
+        return Quantization.fp8((block[0], block[1]))
+    raise UnsupportedModelError(
+        f"checkpoints quantized with {method!r} are not supported yet: moe-offload reads block-scaled "
+        "fp8 and mxfp4 checkpoints as they ship, and quantizes unquantized ones itself "
+        "(quantize='int8' or 'int4')"
+    )

@@ -63,6 +63,11 @@ class FusedExperts(ExpertBlock):
             raise UnsupportedModelError(f"{name}: experts with a post-expert norm are not supported yet")
         self.names = [n for n, p in module.named_parameters(recurse=False) if p.shape[:1] == (num_experts,)]
         unknown = set(self.names) - _KNOWN_TENSORS
+        if any(n.endswith("_scale_inv") for n in unknown):
+            raise UnsupportedModelError(
+                f"{name}: experts that transformers holds quantized (fp8) cannot be patched yet; load the "
+                "checkpoint with moe_offload.from_pretrained(path, store_dir=DIR), which keeps them in fp8"
+            )
         if unknown:
             raise UnsupportedModelError(f"{name}: unknown expert tensors {sorted(unknown)}")
         params = [(n, module._parameters[n]) for n in self.names]
