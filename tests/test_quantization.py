@@ -272,8 +272,13 @@ def test_a_checkpoint_shipping_quantized_experts_keeps_them_so_and_gives_transfo
     SHIPPED[kind](checkpoint)
     ids = torch.tensor([[1, 5, 9, 17, 33]])
     want = _transformers_tokens(checkpoint, ids)
-    with pytest.raises(StoreError, match=f"ships its experts quantized \\({kind}\\); pass store_dir"):
-        moe_offload.from_pretrained(checkpoint, device="cpu")
+    with pytest.raises(StoreError, match=f"ships its experts quantized \\({kind}\\); leave quantize unset"):
+        moe_offload.from_pretrained(checkpoint, device="cpu", quantize="int8")
+    # Read in place: each blob gathered from the checkpoint's byte ranges.
+    model, offloader = moe_offload.from_pretrained(checkpoint, device="cpu")
+    assert offloader.stats()["quantization"] == kind
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
     with pytest.raises(
         StoreError, match=f"convert it without --quantize, and the store keeps them in {kind}"
     ):

@@ -486,6 +486,35 @@ class WeightMap:
                 scales.append(read_tensor(self._fused_info(key + "_scale_inv", num_experts), row=rows))
         return {"": torch.cat(values), "_scale_inv": torch.cat(scales)}
 
+    def quantized_expert_ranges(
+        self, target: str, index: int, num_experts: int, kind: str
+    ) -> dict[str, Ranges]:
+        """Where `quantized_expert_tensors` finds its tensors in the checkpoint,
+        as byte ranges to join, by the same suffixes."""
+        if kind == "mxfp4":
+            found = {}
+            for suffix in ("_blocks", "_scales"):
+                info = self._fused_info(target + suffix, num_experts)
+                found[suffix] = Ranges([(info, *info.row_range(index))], info.shape[1:])
+            return found
+        source = self.source(target)
+        if source.converter is None:
+            [key] = source.keys[None]
+            rows: list[TensorInfo] = [self._fused_info(key, num_experts)]
+            scales = [self._fused_info(key + "_scale_inv", num_experts)]
+            return {
+                "": Ranges([(rows[0], *rows[0].row_range(index))], rows[0].shape[1:]),
+                "_scale_inv": Ranges([(scales[0], *scales[0].row_range(index))], scales[0].shape[1:]),
+            }
+        per_expert = self._per_expert_keys(source, num_experts)
+        keys = [per_expert[p][index] for p in source.converter.source_patterns if p in per_expert]
+        found = {}
+        for suffix in ("", "_scale_inv"):
+            infos = [self.checkpoint.tensors[key + suffix] for key in keys]
+            shape = (sum(info.shape[0] for info in infos), *infos[0].shape[1:])
+            found[suffix] = Ranges([(info, info.offset, info.nbytes) for info in infos], shape)
+        return found
+
     def expert_tensor(self, target: str, index: int | None, num_experts: int) -> torch.Tensor:
         """One expert's part of model tensor `target`: its whole value
         (`index` None: one module per expert) or its slice along the fused

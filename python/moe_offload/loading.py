@@ -25,9 +25,10 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from moe_offload._core import BudgetError, ExpertStore, MoeOffloadError, StoreError
-from moe_offload.adapters import ExpertBlock
+from moe_offload.adapters import ExpertBlock, TensorSpec
 from moe_offload.checkpoint import (
     Checkpoint,
+    Ranges,
     TensorInfo,
     WeightMap,
     load_config,
@@ -128,7 +129,7 @@ def from_pretrained(
     asked = Quantization.parse(quantize, group_size)
     checkpoint, store = _locate(path, store_dir, dtype, asked, show_progress)
     config = load_config(Path(store.path) if store is not None else path)
-    scheme = _shipped_in_place(path, config) if store is None else _stored_quantization(store, asked)
+    scheme = _shipped(path, config, asked) if store is None else _stored_quantization(store, asked)
     if store is not None:
         stored = _meta(store)["dtype"]
         if dtype is not None and dtype_name(resolve_dtype(dtype, config)) != stored:
@@ -207,6 +208,7 @@ def _locate(
     checkpoint = Checkpoint(path)
     if store_dir is None:
         if scheme is not None:
+            _shipped(path, load_config(path), scheme)  # a quantized checkpoint says so first
             raise MoeOffloadError(
                 f"quantize={scheme.name!r} needs an expert store to hold the quantized experts: pass "
                 "store_dir=DIR (converted there on first use), or convert first: "
@@ -268,15 +270,16 @@ def _meta(store: ExpertStore) -> dict:
     return meta
 
 
-def _shipped_in_place(path: Path, config: PretrainedConfig) -> None:
-    """Refuses to read a checkpoint with quantized experts in place: they are
-    kept quantized in an expert store."""
+def _shipped(path: Path, config: PretrainedConfig, asked: Quantization | None) -> Quantization | None:
+    """How the checkpoint read in place ships its experts (fp8, mxfp4: kept
+    so), None when unquantized; it cannot be quantized again."""
     shipped = checkpoint_quantization(config)
-    if shipped is not None:
+    if shipped is not None and asked is not None:
         raise StoreError(
-            f"{path}: ships its experts quantized ({shipped.name}); pass store_dir=DIR to convert it into "
-            f"an expert store on first use, which keeps them in {shipped.name}"
+            f"{path}: ships its experts quantized ({shipped.name}); leave quantize unset, and they are "
+            f"kept in {shipped.name}"
         )
+    return shipped
 
 
 def _stored_quantization(store: ExpertStore, asked: Quantization | None) -> Quantization | None:
@@ -363,9 +366,7 @@ def _store_in_place(checkpoint: Checkpoint, weights: WeightMap, blocks: list[Exp
     for block in blocks:
         for expert in range(block.num_experts):
             blob = []
-            for spec in block.specs:
-                name, index = block.parameter_name(spec, expert)
-                ranges = weights.expert_ranges(name, index, block.num_experts, spec.dtype)
+            for spec, ranges in _blob_ranges(weights, block, expert):
                 if ranges is None:
                     raise StoreError(
                         f"{checkpoint.path}: the experts of {block.name} are not stored as the model runs "
@@ -385,6 +386,24 @@ def _store_in_place(checkpoint: Checkpoint, weights: WeightMap, blocks: list[Exp
             extents.append(blob)
     layers = [(b.num_experts, b.expert_bytes) for b in blocks]
     return ExpertStore.from_extents(checkpoint.path, [str(f) for f in files], layers, extents)
+
+
+def _blob_ranges(
+    weights: WeightMap, block: ExpertBlock, expert: int
+) -> Iterator[tuple[TensorSpec, Ranges | None]]:
+    """Each blob tensor of the expert with where the checkpoint holds it
+    (None: not as the blob needs it)."""
+    codec = block.codec if block.codec is not None and block.codec.scheme.from_checkpoint else None
+    found: dict[str, Ranges | None] = {}
+    for spec in block.weight_specs:
+        name, index = block.parameter_name(spec, expert)
+        if codec is not None and spec.name in codec.matrices and index is not None:
+            stored = weights.quantized_expert_ranges(name, index, block.num_experts, codec.scheme.kind)
+            found.update({spec.name + suffix: ranges for suffix, ranges in stored.items()})
+        else:
+            found[spec.name] = weights.expert_ranges(name, index, block.num_experts, spec.dtype)
+    for spec in block.specs:
+        yield spec, found.get(spec.name)
 
 
 def _stored_non_experts(path: Path, crc32: int) -> Iterator[tuple[str, torch.Tensor]]:
