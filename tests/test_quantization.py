@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import FAMILIES, build, greedy, prompt
+from tiny_models import ENCODER_DECODER, FAMILIES, build, greedy, prompt
 
 import moe_offload
 from moe_offload import MoeOffloadError, StoreError, UnsupportedModelError
@@ -59,6 +59,13 @@ def test_int8_values_are_offset_and_packed_four_to_an_int32():
     assert packed.tolist() == [[0x81807F00 - (1 << 32), 0x000082FF]]
 
 
+def _quantized_blocks(model: torch.nn.Module, scheme: Quantization) -> list:
+    blocks = find_expert_blocks(model)
+    for block in blocks:
+        block.quantize(scheme)
+    return blocks
+
+
 def _dequantized_copy(model: torch.nn.Module, scheme: Quantization) -> torch.nn.Module:
     """The plain model whose expert matrices are their quantized-then-dequantized values."""
     twin = copy.deepcopy(model)
@@ -73,15 +80,24 @@ def _dequantized_copy(model: torch.nn.Module, scheme: Quantization) -> torch.nn.
 
 
 @pytest.mark.parametrize("scheme_name", SCHEMES)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_a_quantized_patch_gives_the_dequantized_models_tokens(family, scheme_name):
+def test_a_quantized_patch_gives_the_dequantized_models_tokens(family, device, scheme_name):
+    """On the CPU every expert runs from the host tier; on a GPU a quarter of
+    the quantized bytes are slots, misses copied or run on the CPU."""
     scheme = Quantization.parse(scheme_name, GROUP)
-    model = build(family)
-    inputs = prompt(family)
+    model = build(family).to(device)
+    inputs = {name: tensor.to(device) for name, tensor in prompt(family).items()}
     with torch.no_grad():
         twin = _dequantized_copy(model, scheme)
+    if family not in ENCODER_DECODER and device == "cuda":
+        twin.set_experts_implementation("eager")  # the arithmetic moe-offload's experts run
     want, _ = greedy(twin, inputs, 5)
-    offloader = moe_offload.patch(model, device="cpu", quantize=scheme_name, group_size=GROUP)
+    options = {}
+    if device == "cuda":
+        quantized = sum(b.num_experts * b.expert_bytes for b in _quantized_blocks(model, scheme))
+        options["device_budget"] = quantized // 4
+    offloader = moe_offload.patch(model, device=device, quantize=scheme_name, group_size=GROUP, **options)
     assert offloader.stats()["quantization"] == scheme_name
     got, _ = greedy(model, inputs, 5)
     assert torch.equal(got, want)
