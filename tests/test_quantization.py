@@ -217,9 +217,10 @@ def _save_quantized(model: torch.nn.Module, path, quantize, quantization_config:
     (path / "config.json").write_text(json.dumps(config))
 
 
-def _fp8_checkpoint(path) -> None:
+def _fp8_checkpoint(path, experts_only: bool = False) -> None:
     """A tiny Qwen3-MoE in DeepSeek-V3-style fp8: every projection (experts
-    one tensor per expert) as float8_e4m3fn with its `weight_scale_inv`."""
+    one tensor per expert; with `experts_only`, only those) as float8_e4m3fn
+    with its `weight_scale_inv`."""
     import transformers as tf
 
     config = tf.Qwen3MoeConfig(
@@ -231,12 +232,14 @@ def _fp8_checkpoint(path) -> None:
     model = tf.Qwen3MoeForCausalLM(config).to(torch.bfloat16)
 
     def quantize(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not name.endswith("_proj.weight") or "mlp.gate" in name:
+        if not name.endswith("_proj.weight") or (experts_only and ".experts." not in name):
             return {name: tensor}
         values, scale_inv = _fp8_blocks(tensor)
         return {name: values, name + "_scale_inv": scale_inv}
 
     settings = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [FP8_BLOCK] * 2}
+    kept = ["lm_head", "mlp.gate"] + (["model.layers.*.self_attn"] if experts_only else [])
+    settings["modules_to_not_convert"] = kept
     _save_quantized(model, path, quantize, settings)
 
 
@@ -332,3 +335,33 @@ def test_checkpoints_quantized_otherwise_are_refused_by_method(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError, match="quantized with 'awq' are not supported yet"):
         convert(tmp_path, tmp_path.parent / "store")
+
+
+def test_a_model_transformers_holds_in_fp8_patches_and_gives_the_dequantized_models_tokens(
+    tmp_path, monkeypatch
+):
+    """transformers builds its fp8 experts (`FP8Experts`) only where its fp8
+    kernels run; on this CPU it dequantizes instead. Built anyway (its
+    environment check skipped), the model cannot run here, but patched, its
+    experts stay in fp8 in every tier and it gives the dequantized model's tokens."""
+    import transformers as tf
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    checkpoint = tmp_path / "checkpoint"
+    _fp8_checkpoint(checkpoint, experts_only=True)  # fp8 attention would not run on this CPU either
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    want = _transformers_tokens(checkpoint, ids)
+    with monkeypatch.context() as patched:
+        patched.setattr(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+        model = tf.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    held = {name: p.detach().clone() for name, p in experts.named_parameters()}
+    offloader = moe_offload.patch(model, device="cpu")
+    assert offloader.stats()["quantization"] == "fp8"
+    block = offloader.blocks[0]
+    assert block.expert_bytes < 0.6 * sum(math.prod(s.shape) * 2 for s in block.weight_specs)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+    moe_offload.unpatch(model)
+    assert all(torch.equal(p, held[name]) for name, p in experts.named_parameters())

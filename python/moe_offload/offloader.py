@@ -333,9 +333,15 @@ def _patch(
             f"{type(model).__name__} has no MoE block moe-offload can offload. "
             f"Supported families: {', '.join(SUPPORTED_FAMILIES)}."
         )
+    held = next((b.codec.scheme for b in blocks if b.blob_is_parameters and b.codec is not None), None)
+    if scheme is not None and held is not None:
+        raise MoeOffloadError(
+            f"the model already holds its experts quantized ({held.name}); patch it without quantize"
+        )
     if scheme is not None:
         for block in blocks:
             block.quantize(scheme)
+    scheme = scheme or held
     check_eamc_fits(
         eamc_capacity, len(blocks), max(b.num_experts for b in blocks), f"eamc_capacity={eamc_capacity}"
     )
@@ -819,7 +825,8 @@ def _read_back(
             for expert in range(block.num_experts):
                 cache.read_expert(layer, expert, spec.offset, stacked[expert].data_ptr(), spec.nbytes)
             blobs[spec.name] = stacked
-        values.append(blobs if block.codec is None else _dequantized(block, blobs))
+        as_held = block.codec is None or block.blob_is_parameters
+        values.append(blobs if as_held else _dequantized(block, blobs))
     return values
 
 

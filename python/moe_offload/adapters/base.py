@@ -82,6 +82,9 @@ class ExpertBlock(ABC):
 
     layout: str = ""
     weights_transposed = False  # whether the model holds matrices as [in, out]
+    # Whether the module's own parameters are the blob's tensors (experts the
+    # model already holds quantized), not the weights the codec decodes to.
+    blob_is_parameters = False
 
     def __init__(self, name: str, module: nn.Module, num_experts: int, top_k: int) -> None:
         self.name = name
@@ -105,6 +108,10 @@ class ExpertBlock(ABC):
 
     def blob_tensors(self, expert: int) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
         """The expert's blob tensors, one per spec (quantized as the codec says)."""
+        if self.blob_is_parameters:
+            for spec in self.specs:
+                yield spec, self.module._parameters[spec.name].data[expert]
+            return
         if self.codec is None:
             yield from self.expert_tensors(expert)
             return

@@ -27,6 +27,7 @@ from moe_offload.adapters.base import (
     meta_placeholder,
     refill,
 )
+from moe_offload.quantization import Quantization
 
 if TYPE_CHECKING:
     from moe_offload.runtime import LayerRuntime
@@ -63,21 +64,42 @@ class FusedExperts(ExpertBlock):
             raise UnsupportedModelError(f"{name}: experts with a post-expert norm are not supported yet")
         self.names = [n for n, p in module.named_parameters(recurse=False) if p.shape[:1] == (num_experts,)]
         unknown = set(self.names) - _KNOWN_TENSORS
-        if any(n.endswith("_scale_inv") for n in unknown):
-            raise UnsupportedModelError(
-                f"{name}: experts that transformers holds quantized (fp8) cannot be patched yet; load the "
-                "checkpoint with moe_offload.from_pretrained(path, store_dir=DIR), which keeps them in fp8"
-            )
-        if unknown:
-            raise UnsupportedModelError(f"{name}: unknown expert tensors {sorted(unknown)}")
-        params = [(n, module._parameters[n]) for n in self.names]
-        self._set_specs([(n, tuple(p.shape[1:]), p.dtype) for n, p in params])
+        scales = {n for n in unknown if n.endswith("_scale_inv")}
         self.weights_transposed = bool(module.is_transposed)
+        if scales and scales == unknown:
+            self._held_in_fp8(module)
+        elif unknown:
+            raise UnsupportedModelError(f"{name}: unknown expert tensors {sorted(unknown)}")
+        else:
+            params = [(n, module._parameters[n]) for n in self.names]
+            self._set_specs([(n, tuple(p.shape[1:]), p.dtype) for n, p in params])
         self._originals: dict[str, nn.Parameter] = {}
         self._config_implementation: str | None = None
         # Read before any block is offloaded: the layers share one config,
         # which offloading points at moe-offload's implementation.
         self._model_implementation: str | None = module.config._experts_implementation
+
+    def _held_in_fp8(self, module: nn.Module) -> None:
+        """Experts transformers holds in block-scaled fp8 (its `FP8Experts`):
+        the blobs hold the module's values and scales as they are, and each
+        expert is dequantized to the model's dtype where it runs."""
+        block = getattr(module, "block_size", None)
+        if not block or getattr(module, "activation_scheme", "dynamic") != "dynamic":
+            raise UnsupportedModelError(
+                f"{self.name}: fp8 experts without block scales or with static activation scales are not "
+                "supported yet"
+            )
+        dtype = _compute_dtype(module.config)
+        matrices = [n for n in self.names if not n.endswith("_scale_inv")]
+        self._set_specs([(n, tuple(module._parameters[n].shape[1:]), dtype) for n in matrices])
+        self.quantize(Quantization.fp8((block[0], block[1])))
+        held = {n: (tuple(module._parameters[n].shape[1:]), module._parameters[n].dtype) for n in self.names}
+        if held != {s.name: (s.shape, s.dtype) for s in self.specs}:
+            raise UnsupportedModelError(
+                f"{self.name}: fp8 experts whose scales do not tile their matrices in whole blocks of "
+                f"{list(block)} are not supported yet"
+            )
+        self.blob_is_parameters = True
 
     def parameters(self) -> list[nn.Parameter]:
         return [self.module._parameters[n] for n in self.names]
@@ -138,6 +160,14 @@ class InPlace:
             return self.implementation(module, *args)
         finally:
             module._parameters.update(placeholders)
+
+
+def _compute_dtype(config: object) -> torch.dtype:
+    """The dtype the model computes in, from its config (bfloat16 when unsaid)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
 
 
 def _project(
@@ -242,3 +272,9 @@ def offloaded_experts_forward(
 
 
 ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
+try:  # transformers' fp8 experts choose their implementation from a registry of their own
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+
+    ALL_FP8_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
+except ImportError:
+    pass
