@@ -365,3 +365,22 @@ def test_a_model_transformers_holds_in_fp8_patches_and_gives_the_dequantized_mod
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
     moe_offload.unpatch(model)
     assert all(torch.equal(p, held[name]) for name, p in experts.named_parameters())
+
+
+def test_the_same_device_budget_holds_three_times_the_int4_experts():
+    model = build("mixtral")
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.intermediate_size = 512, 768
+    slots = {}
+    for scheme in (None, "int4", "int8"):
+        torch.manual_seed(0)
+        wide = type(model)(config).to(torch.bfloat16)
+        bf16_expert = 3 * 512 * 768 * 2
+        offloader = moe_offload.patch(
+            wide, device="cpu", device_budget=4 * bf16_expert, cpu_experts="never", quantize=scheme
+        )
+        slots[scheme] = offloader.n_slots
+        moe_offload.unpatch(wide)
+    assert slots[None] == 4
+    assert slots["int4"] >= 3 * slots[None], slots
+    assert slots["int8"] >= 1.5 * slots[None], slots
