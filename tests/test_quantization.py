@@ -372,7 +372,7 @@ def test_the_same_device_budget_holds_three_times_the_int4_experts():
     config = copy.deepcopy(model.config)
     config.hidden_size, config.intermediate_size = 512, 768
     slots = {}
-    for scheme in (None, "int4", "int8"):
+    for scheme in (None, "int4", "int8", "fp8"):
         torch.manual_seed(0)
         wide = type(model)(config).to(torch.bfloat16)
         bf16_expert = 3 * 512 * 768 * 2
@@ -384,3 +384,28 @@ def test_the_same_device_budget_holds_three_times_the_int4_experts():
     assert slots[None] == 4
     assert slots["int4"] >= 3 * slots[None], slots
     assert slots["int8"] >= 1.5 * slots[None], slots
+    assert slots["fp8"] >= 1.5 * slots[None], slots
+
+
+def test_fp8_made_here_gives_the_dequantized_models_tokens():
+    """fp8 needs matrices its 128 x 128 blocks tile: a 512 x 768 Mixtral."""
+    model = build("mixtral")
+    config = copy.deepcopy(model.config)
+    config.hidden_size, config.intermediate_size = 512, 768
+    torch.manual_seed(0)
+    wide = type(model)(config)
+    with torch.no_grad():
+        for block in find_expert_blocks(wide):
+            for param in block.parameters():
+                param.normal_(0, 0.05)
+        twin = _dequantized_copy(wide, Quantization.parse("fp8"))
+    inputs = prompt("mixtral")
+    want, _ = greedy(twin, inputs, 5)
+    offloader = moe_offload.patch(wide, device="cpu", quantize="fp8")
+    assert offloader.stats()["quantization"] == "fp8"
+    got, _ = greedy(wide, inputs, 5)
+    assert torch.equal(got, want)
+    with pytest.raises(MoeOffloadError, match="group_size does not apply to fp8"):
+        Quantization.parse("fp8", 64)
+    with pytest.raises(MoeOffloadError, match="which fp8 blocks of 128 x 128 do not tile"):
+        moe_offload.patch(build("mixtral"), device="cpu", quantize="fp8")

@@ -264,9 +264,10 @@ def patch(
     `offloader.save_eamc()`, at `unpatch` and at interpreter exit.
     `eamc_capacity` is the number of requests the EAMC keeps, `prefetch_depth`
     the prefetches queued per plan (None: the default), `copy_workers` the
-    threads copying experts into slots. `quantize` ("int8" or "int4") keeps
-    every expert matrix quantized in the host tier and the slots (weight-only,
-    one scale per `group_size` input features, default 128; see
+    threads copying experts into slots. `quantize` ("int8", "int4" or "fp8")
+    keeps every expert matrix quantized in the host tier and the slots
+    (weight-only: int8/int4 with one scale per `group_size` input features,
+    default 128; fp8 with one per 128 x 128 block; see
     `moe_offload.quantization`), dequantized just before it runs.
     `show_progress` shows a progress bar while the experts move (None: only
     when stderr is a terminal).

@@ -19,7 +19,7 @@ scratch buffer on the device where it runs (allocated once, reused)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ from moe_offload._core import MoeOffloadError, UnsupportedModelError
 
 SCHEMES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
+FP8_BLOCK = 128  # rows and columns sharing one fp8 scale, as DeepSeek-V3 and Qwen3 FP8 ship
+_E4M3_MAX = 448.0
 MXFP4_GROUP = 32  # values sharing one scale; two to a byte, so 16 bytes a group
 # e2m1 values by their 4-bit code (sign in the top bit).
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -44,17 +46,20 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Quantization:
-    """How expert matrices are quantized. `kind` "int": moe-offload's own
-    int8/int4 (`bits`, one scale per `group_size` input features), made from
-    unquantized weights; "fp8" (block-scaled float8_e4m3fn, one float32
-    scale per `block` of [rows, columns]) and "mxfp4" (GPT-OSS's e2m1 values
-    with one power-of-two scale per 32) are read from checkpoints that ship
-    in those formats, as they are."""
+    """How expert matrices are quantized. `kind` "int": int8/int4 (`bits`,
+    one scale per `group_size` input features); "fp8": block-scaled
+    float8_e4m3fn, one float32 scale per `block` of [rows, columns]; both
+    made here from unquantized weights or, `shipped`, read from checkpoints
+    that ship them so. "mxfp4" (GPT-OSS's e2m1 values, one power-of-two scale
+    per 32) is only read as shipped."""
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
     kind: str = "int"
     block: tuple[int, int] | None = None
+    # Read from the checkpoint as it ships them, not made here; the same
+    # scheme either way (a store compares equal).
+    shipped: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -63,18 +68,26 @@ class Quantization:
     @property
     def from_checkpoint(self) -> bool:
         """Whether experts come quantized from the checkpoint (not made here)."""
-        return self.kind != "int"
+        return self.shipped
 
     @classmethod
     def parse(cls, name: str | None, group_size: int | None = None) -> Quantization | None:
-        """The scheme `name` ("int8", "int4"; None: no quantization), checked."""
+        """The scheme `name` ("int8", "int4", "fp8"; None: no quantization), checked."""
         if name is None:
             if group_size is not None:
-                raise MoeOffloadError("group_size is given without quantize: pass quantize='int8' or 'int4'")
+                raise MoeOffloadError(
+                    "group_size is given without quantize: pass quantize='int8', 'int4' or 'fp8'"
+                )
             return None
+        if name == "fp8":
+            if group_size is not None:
+                raise MoeOffloadError(
+                    f"group_size does not apply to fp8, which scales blocks of {FP8_BLOCK} x {FP8_BLOCK}"
+                )
+            return cls.fp8((FP8_BLOCK, FP8_BLOCK))
         if name not in SCHEMES:
             raise MoeOffloadError(
-                f"quantize={name!r} is not a scheme moe-offload knows: use 'int8' or 'int4'"
+                f"quantize={name!r} is not a scheme moe-offload knows: use 'int8', 'int4' or 'fp8'"
             )
         group = DEFAULT_GROUP_SIZE if group_size is None else group_size
         if isinstance(group, bool) or not isinstance(group, int) or not 1 <= group <= 1 << 20:
@@ -84,12 +97,12 @@ class Quantization:
         return cls(SCHEMES[name], group)
 
     @classmethod
-    def fp8(cls, block: tuple[int, int]) -> Quantization:
-        return cls(8, block[1], "fp8", (int(block[0]), int(block[1])))
+    def fp8(cls, block: tuple[int, int], shipped: bool = False) -> Quantization:
+        return cls(8, block[1], "fp8", (int(block[0]), int(block[1])), shipped)
 
     @classmethod
     def mxfp4(cls) -> Quantization:
-        return cls(4, MXFP4_GROUP, "mxfp4")
+        return cls(4, MXFP4_GROUP, "mxfp4", shipped=True)
 
     def to_json(self) -> dict[str, object]:
         if self.kind == "fp8":
@@ -200,15 +213,19 @@ class ExpertCodec:
 
     def encode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One expert's tensors (as the model holds them) as its blob's."""
-        if self.scheme.from_checkpoint:
+        if self.scheme.kind == "mxfp4":
             raise MoeOffloadError(
-                f"{self.scheme.name} experts are read from checkpoints that ship them; moe-offload "
-                "quantizes only to int8 or int4"
+                "mxfp4 experts are read from checkpoints that ship them; moe-offload quantizes to int8, "
+                "int4 or fp8"
             )
         blob: dict[str, torch.Tensor] = {}
         for m in self.matrices.values():
             weight = tensors[m.name].T if m.transposed else tensors[m.name]
-            blob[m.name + "_packed"], blob[m.name + "_scale"] = quantize(weight, self.scheme, m.dtype)
+            if self.scheme.kind == "fp8":
+                assert self.scheme.block is not None
+                blob[m.name], blob[m.name + "_scale_inv"] = quantize_fp8(weight, self.scheme.block)
+            else:
+                blob[m.name + "_packed"], blob[m.name + "_scale"] = quantize(weight, self.scheme, m.dtype)
         blob.update({name: tensors[name] for name in self.kept})
         return blob
 
@@ -320,6 +337,17 @@ def dequantize(
     return out
 
 
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [rows, cols] as block-scaled float8_e4m3fn: the values and
+    each block's float32 scale (its largest magnitude / 448, e4m3's largest)."""
+    rows, cols = weight.shape
+    grid = weight.float().view(rows // block[0], block[0], cols // block[1], block[1])
+    scale_inv = grid.abs().amax(dim=(1, 3)) / _E4M3_MAX
+    divisor = torch.where(scale_inv == 0, torch.ones_like(scale_inv), scale_inv)[:, None, :, None]
+    values = (grid / divisor).clamp(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    return values.view(rows, cols), scale_inv
+
+
 def dequantize_fp8(
     weight: torch.Tensor,
     scale_inv: torch.Tensor,
@@ -389,7 +417,7 @@ def checkpoint_quantization(config: object) -> Quantization | None:
         if unsupported:
             raise UnsupportedModelError(f"fp8 checkpoints with {unsupported[0]} are not supported yet")
         assert block is not None
-        return Quantization.fp8((block[0], block[1]))
+        return Quantization.fp8((block[0], block[1]), shipped=True)
     raise UnsupportedModelError(
         f"checkpoints quantized with {method!r} are not supported yet: moe-offload reads block-scaled "
         "fp8 and mxfp4 checkpoints as they ship, and quantizes unquantized ones itself "

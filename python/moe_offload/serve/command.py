@@ -41,12 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantize",
-        choices=("int8", "int4"),
+        choices=("int8", "int4", "fp8"),
         help="keep the experts quantized (converted into --store-dir on first use; a quantized store "
         "is served as it is)",
     )
     parser.add_argument(
-        "--group-size", type=int, metavar="N", help="input features per quantization scale (default: 128)"
+        "--group-size", type=int, metavar="N", help="input features per int8/int4 scale (default: 128)"
     )
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: PATH)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
