@@ -112,7 +112,7 @@ def test_a_quantized_patch_gives_the_dequantized_models_tokens(family, device, s
 
 
 @pytest.mark.parametrize("scheme_name", SCHEMES)
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "nllb_moe"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_quantized_store_gives_the_quantized_patchs_tokens(tmp_path, family, scheme_name):
     model = build(family)
     model.save_pretrained(tmp_path / "checkpoint")
