@@ -262,3 +262,88 @@ def test_a_scaled_hidden_size_builds_a_model_that_runs():
                     model(torch.zeros(1, 3, dtype=torch.long))
         with pytest.raises(MoeOffloadError, match="--hidden 12"):
             shapes.config_for(name, hidden=12)
+
+
+def test_the_bench_runs_every_moe_offload_system_quantized_at_the_same_budget(tmp_path):
+    random_trace(tmp_path / "t.jsonl")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "moe_offload.cli", "bench", "--model", "mixtral-8x7b",
+        "--layers", "2", "--hidden", "64", "--trace", str(tmp_path / "t.jsonl"),
+        "--requests", "2", "--warmup-requests", "1", "--prompt-tokens", "4", "--new-tokens", "6",
+        "--sweep", "--cpu-experts", "--rounds", "2", "--quantize", "int4", "--group-size", "16",
+        "--skip-accelerate", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    systems = json.loads((out / "results.json").read_text())["systems"]
+    assert list(systems) == [
+        "resident",
+        "lru",
+        "reference",
+        "activation-aware 25%",
+        "resident, int4 weights",
+        "lru, int4",
+        "reference, int4",
+        "activation-aware 25%, int4",
+    ]
+    # Quantizing may change the tokens: the dequantized resident run is compared, not checked.
+    dequantized = systems.pop("resident, int4 weights")
+    assert dequantized["quantization"] == "int4" and "same_tokens_as_resident" in dequantized
+    for name, figures in systems.items():
+        if name.endswith(", int4"):
+            assert figures["quantization"] == "int4"
+            assert figures["same_tokens_as_dequantized_resident"] is True, name
+            plain = systems[name.removesuffix(", int4")]
+            # The same budget holds more than 3x the experts, each under 0.3x the bytes.
+            assert figures["budget_bytes"] == plain["budget_bytes"]
+            assert figures["slots"] >= 3 * plain["slots"]
+            assert figures["expert_bytes"] <= 0.3 * plain["expert_bytes"]
+            assert figures["bytes_per_token"] < plain["bytes_per_token"]
+        else:
+            # The unquantized weights are back after each quantized system (two rounds).
+            assert figures["same_tokens_as_resident"] is True, name
+            assert figures["quantization"] is None
+    assert "| lru, int4 |" in (out / "results.md").read_text()
+
+
+def test_a_quantized_runs_weights_are_put_back():
+    from moe_offload.quantization import Quantization
+
+    config = shapes.config_for("deepseek-v2-lite", layers=1, hidden=64, experts=8)
+    model = shapes.build(config, torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    snapshot = e2e.ExpertSnapshot(model)
+    e2e.dequantize_experts(model, Quantization(4, 16))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".experts." in n for n in changed), changed
+    snapshot.restore(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(MoeOffloadError, match="--group-size 64 needs --quantize int8 or int4"):
+        _bench(["--group-size", "64"])
+
+
+def test_the_quantization_accuracy_benchmark_reports_every_figure(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benches" / "quantization.py"
+    command = [sys.executable, str(script), "--families", "deepseek_v2", "--shapes"]
+    command += ["--sequences", "2", "--tokens", "8", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["commit"] and report["machine"]["cores"] >= 1 and len(report["load_average"]["before"]) == 3
+    assert "wikitext-2" in report["caveat"] and "--tokens 8" in report["command"]
+    [(name, model)] = report["models"].items()
+    assert name == "deepseek_v2" and model["positions"] == 16 and model["vocabulary"] == 96
+    int8, int4 = model["schemes"]["int8"], model["schemes"]["int4"]
+    for figures in (int8, int4):
+        # The tiny DeepSeek-V2 has one dense layer, then two MoE layers.
+        assert [x["layer"] for x in figures["weight_error"]["per_layer"]] == [
+            "model.layers.1.mlp.experts",
+            "model.layers.2.mlp.experts",
+        ]
+        assert 0 <= figures["top1_agreement"] <= 1 and 0 <= figures["mean_kl"] <= figures["max_kl"]
+    # int4 has 16x coarser steps than int8: about 16x the error, in a smaller blob.
+    assert 0 < 8 * int8["weight_error"]["mean"] < int4["weight_error"]["mean"] < 0.2
+    assert int4["bytes_ratio"] < int8["bytes_ratio"] < 1
+    assert int8["mean_kl"] <= int4["mean_kl"]
+    assert "| deepseek_v2 | int4 |" in (tmp_path / "results.md").read_text()

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from moe_offload import MoeOffloadError, _core, cli, lab
+from moe_offload.quantization import ExpertCodec, Quantization
 from moe_offload.traces import Request, Trace, read_trace, write_trace
 
 
@@ -194,6 +196,9 @@ def test_the_replay_command_prints_the_report(tmp_path):
             "ms_per_token",
             "slowdown_vs_resident",
             "cpu_experts_per_token",
+            "expert_bytes",
+            "slots",
+            "quantization",
         }
         assert figures["slowdown_vs_resident"] >= 1.0
         assert figures["cpu_experts_per_token"] is None, "no CPU without --cpu-expert-us"
@@ -287,6 +292,10 @@ BAD_REPLAYS = {
     "cpu 0": (_good, ["--cpu-expert-us", "0"], "--cpu-expert-us 0.0 must be"),
     "cpu -5": (_good, ["--cpu-expert-us", "-5"], "--cpu-expert-us -5.0 must be"),
     "cpu mode alone": (_good, ["--cpu-experts", "always"], "--cpu-experts always needs --cpu-expert-us"),
+    "group size alone": (_good, ["--group-size", "64"], "--group-size 64 needs --quantize int8 or int4"),
+    "group size fp8": (_good, ["--quantize", "fp8", "--group-size", "64"], "--group-size 64 needs"),
+    "group size 0": (_good, ["--quantize", "int4", "--group-size", "0"], "--group-size 0 must be a number"),
+    "quantize a given size": (_good, ["--quantize", "int4"], "--expert-bytes give the quantized"),
 }
 
 
@@ -307,7 +316,7 @@ def test_every_replay_option_says_what_it_does_and_its_default():
     commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     replay = commands.choices["replay"]
     options = [a for a in replay._actions if a.option_strings and a.dest not in ("help", "verbose")]
-    assert len(options) == 13
+    assert len(options) == 15
     for action in options:
         assert action.help and "(default: " in action.help, action.option_strings
     text = replay.format_help()
@@ -367,3 +376,70 @@ def test_the_cpu_as_a_second_executor_cuts_the_stall(tmp_path):
     table = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr
     assert "CPU 200 us per expert (auto)" in table.stdout and "| CPU experts/token |" in table.stdout
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("shape", lab.KNOWN_MODELS.values(), ids=lambda m: m.name)
+def test_the_labs_quantized_expert_is_the_blob_the_codec_lays_out(shape, name):
+    scheme = Quantization.parse(name, None if name == "fp8" else 64)
+    tensors = [(f"w{i}", matrix, torch.bfloat16) for i, matrix in enumerate(shape.matrices)]
+    codec = ExpertCodec(tensors, False, scheme)
+    blob = sum(int(np.prod(s)) * dtype.itemsize for _, s, dtype in codec.blob_tensors())
+    assert shape.expert_bytes(scheme) == blob
+    assert shape.expert_bytes() == sum(int(np.prod(m)) * 2 for m in shape.matrices)
+    assert blob <= (0.3 if name == "int4" else 0.55) * shape.expert_bytes()
+
+
+def test_a_quantized_replay_fills_the_bf16_budget_with_more_experts(tmp_path):
+    """DeepSeek-V2-Lite's routing shape, synthetic routing: at 10% of the bf16
+    bytes int4 holds more than 3x the experts bf16 does, copies quantized
+    experts, and misses less; the CPU's time per expert shrinks with its bytes."""
+    rng = np.random.default_rng(11)
+    trace = Trace(26, 64, 6, "synthetic", [Request(f"r{i}", routing(rng, 6, 26, 64, 6)) for i in range(3)])
+    base = dict(capacity=0.1, cpu_expert_us=173.0)
+    bf16 = lab.run(trace, ["lru"], lab.LabParams(**base))
+    int4 = lab.run(trace, ["lru"], lab.LabParams(**base, quantize="int4"))
+    b, q = bf16["policies"]["lru"], int4["policies"]["lru"]
+    shape = lab.KNOWN_MODELS[(26, 64, 6)]
+    assert (b["slots"], b["expert_bytes"], b["quantization"]) == (166, shape.expert_bytes(), None)
+    assert q["expert_bytes"] == shape.expert_bytes(Quantization(4, 128)) and q["quantization"] == "int4"
+    assert q["slots"] == 166 * shape.expert_bytes() // q["expert_bytes"] >= 3 * b["slots"]
+    assert q["hit_rate"] > b["hit_rate"]
+    assert int4["params"]["budget_bytes"] == bf16["params"]["budget_bytes"] == 166 * shape.expert_bytes()
+    ratio = q["expert_bytes"] / b["expert_bytes"]
+    assert int4["params"]["cpu_expert_us_simulated"] == pytest.approx(173.0 * ratio)
+    assert bf16["params"]["cpu_expert_us_simulated"] == 173.0
+    # A budget of more than every quantized expert holds them all: nothing misses after the first use.
+    everything = lab.run(trace, ["lru"], lab.LabParams(capacity=0.5, quantize="int4"))
+    assert everything["params"]["slots"] == 26 * 64
+    with pytest.raises(MoeOffloadError, match="no default expert size .* leave --quantize out"):
+        small = Trace(4, 8, 2, "synthetic", [Request("r", routing(rng, 3, 4, 8, 2))])
+        lab.run(small, ["lru"], lab.LabParams(quantize="int8"))
+
+    path = tmp_path / "t.jsonl"
+    write_trace(path, trace)
+    command = [sys.executable, "-m", "moe_offload.cli", "replay", str(path), "--policy", "lru"]
+    command += ["--capacity", "0.1", "--quantize", "int8", "--group-size", "64", "--cpu-expert-us", "173"]
+    table = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    int8 = shape.expert_bytes(Quantization(8, 64))
+    slots = 166 * shape.expert_bytes() // int8
+    assert f"cache: {slots} of 1664 experts (int8, in the budget of 10% of the bf16 experts)" in table.stdout
+    assert f"expert {int8 / 1e6:.1f} MB (DeepSeek-V2-Lite (int8, group 64))" in table.stdout
+    assert f"{173 * int8 / shape.expert_bytes():.0f} us per int8 one" in table.stdout
+
+
+@needs_traces
+def test_int4_holds_three_times_the_experts_and_cuts_the_time_on_real_routing():
+    """The acceptance for quantized experts in the lab: at the same budget
+    (25% of the bf16 experts), int4 holds at least 3x as many experts as
+    bf16, hits more and takes less time per token."""
+    trace = deepseek_trace(350)
+    bf16, int4 = (
+        lab.run(trace, ["activation-aware"], lab.LabParams(capacity=0.25, warmup=200, quantize=q))
+        for q in (None, "int4")
+    )
+    b, q = bf16["policies"]["activation-aware"], int4["policies"]["activation-aware"]
+    assert q["slots"] >= 3 * b["slots"] == 3 * 416
+    assert q["hit_rate"] > b["hit_rate"] and q["ms_per_token"] < b["ms_per_token"]
+    assert q["bytes_per_token"] < b["bytes_per_token"]

@@ -88,14 +88,15 @@ def _convert_parser(commands: argparse._SubParsersAction) -> None:
     convert.add_argument("store", help="directory of the expert store to write")
     convert.add_argument(
         "--quantize",
-        choices=("int8", "int4"),
-        help="store every expert matrix quantized, weight-only, one scale per group (default: as it is)",
+        choices=("int8", "int4", "fp8"),
+        help="store every expert matrix quantized, weight-only: int8/int4 with one scale per group, fp8 "
+        "with one per 128 x 128 block (default: as it is)",
     )
     convert.add_argument(
         "--group-size",
         type=int,
         metavar="N",
-        help="input features per quantization scale (default: 128; needs --quantize)",
+        help="input features per int8/int4 scale (default: 128; needs --quantize)",
     )
     convert.add_argument(
         "--dtype", help="convert weights to this dtype, e.g. bfloat16 (default: the config's)"
@@ -164,7 +165,8 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=defaults.capacity,
         metavar="FRACTION",
-        help="device slots as a share of all experts, in (0, 1] (default: %(default)s)",
+        help="device budget as a share of all experts' unquantized bytes, in (0, 1]: that many experts "
+        "in slots, and more with --quantize (default: %(default)s)",
     )
     replay.add_argument(
         "--policy",
@@ -194,6 +196,19 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="bytes of one expert (default: the bf16 size of the model the trace's routing shape is "
         "known from: DeepSeek-V2-Lite, Mixtral-8x7B, Qwen3-30B-A3B)",
+    )
+    replay.add_argument(
+        "--quantize",
+        choices=("int8", "int4", "fp8"),
+        help="simulate that model's experts quantized as `convert --quantize` stores them: their "
+        "quantized bytes are copied, the --capacity budget holds more of them, and --cpu-expert-us "
+        "shrinks with the bytes (default: bf16)",
+    )
+    replay.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help="input features per int8/int4 scale (default: 128; needs --quantize int8 or int4)",
     )
     replay.add_argument(
         "--cpu-expert-us",
@@ -322,6 +337,8 @@ def _replay(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         cpu_expert_us=args.cpu_expert_us,
         cpu_experts=args.cpu_experts or "auto",
+        quantize=args.quantize,
+        group_size=args.group_size,
     )
     measured = max(len(trace.requests) - args.warmup, 0)
     with _replay_progress(args.policy, measured) as progress:
@@ -353,8 +370,16 @@ def _replay(args: argparse.Namespace) -> int:
     cpu = ""
     if p["cpu_expert_us"] is not None:
         cpu = f"; CPU {p['cpu_expert_us']:g} us per expert ({p['cpu_experts']})"
+        if p["quantize"] is not None:
+            cpu = (
+                f"; CPU {p['cpu_expert_us']:g} us per bf16 expert, {p['cpu_expert_us_simulated']:.0f} us "
+                f"per {p['quantize']} one ({p['cpu_experts']})"
+            )
+    budget = f"{p['capacity']:.0%}"
+    if p["quantize"] is not None:
+        budget = f"{p['quantize']}, in the budget of {p['capacity']:.0%} of the bf16 experts"
     print(
-        f"cache: {p['slots']} of {p['total_experts']} experts ({p['capacity']:.0%}); "
+        f"cache: {p['slots']} of {p['total_experts']} experts ({budget}); "
         f"expert {p['expert_bytes'] / 1e6:.1f} MB ({p['expert_bytes_from']}) "
         f"at {p['bandwidth_gbps']:g} GB/s, "
         f"{p['layer_compute_us']:g} us per MoE layer{cpu}\n"
@@ -372,6 +397,8 @@ def _check_replay_numbers(args: argparse.Namespace) -> None:
     """`replay`'s numbers, checked before anything is read or sized from
     them. The clock sums copy and compute times over every layer of every
     token: the bounds keep it finite (NaN fails every comparison)."""
+    from moe_offload import lab
+
     checks = (
         ("--capacity", args.capacity, 0 < args.capacity <= 1, "a share of the experts in (0, 1]"),
         (
@@ -401,10 +428,19 @@ def _check_replay_numbers(args: argparse.Namespace) -> None:
         ("--limit", args.limit, args.limit is None or args.limit >= 1, "a number of requests, at least 1"),
         ("--warmup", args.warmup, args.warmup >= 0, "a number of requests, at least 0"),
         ("--eamc-capacity", args.eamc_capacity, args.eamc_capacity >= 1, "a number of entries, at least 1"),
+        (
+            "--group-size",
+            args.group_size,
+            args.group_size is None or 1 <= args.group_size <= 1 << 20,
+            f"a number of input features in 1..{1 << 20}, e.g. 128",
+        ),
     )
     for option, value, ok, what in checks:
         if not ok:
             raise MoeOffloadError(f"{option} {value} must be {what}")
+    if args.group_size is not None and args.quantize not in ("int8", "int4"):
+        raise MoeOffloadError(f"--group-size {args.group_size} needs --quantize int8 or int4")
+    lab.check_sizing(args.expert_bytes, args.quantize)
     if args.cpu_experts is not None and args.cpu_expert_us is None:
         raise MoeOffloadError(
             f"--cpu-experts {args.cpu_experts} needs --cpu-expert-us T, the CPU's time per expert"

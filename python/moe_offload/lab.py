@@ -14,10 +14,20 @@ ends soonest, "always" on the CPU, "never" copied), a CPU-run expert takes
 steps one token at a time), one after another while the device path copies
 and computes, and is copied to the device in the background when the policy
 keeps it.
+
+With `quantize` ("int8", "int4", "fp8") the experts are simulated in that
+format: an expert's bytes are those of its quantized blob, computed from the
+known model's matrices as `moe_offload.quantization` lays them out, while
+the device budget stays `capacity` times the experts' bf16 bytes, so the
+cache holds as many more experts as the format is smaller. A layer still
+computes for `layer_compute_us` (dequantizing is not charged), and a CPU-run
+expert takes `cpu_expert_us` scaled by its bytes (a CPU kernel reading the
+quantized bytes as fast as bf16 ones).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -26,10 +36,14 @@ from typing import Any
 import numpy as np
 
 from moe_offload._core import MoeOffloadError, replay
+from moe_offload.quantization import Quantization
 from moe_offload.traces import Request, Trace
 
 POLICIES = ("lru", "lfu", "reference", "activation-aware", "oracle")
 CPU_EXPERTS = ("auto", "always", "never")
+
+
+BF16_BYTES = 2
 
 
 @dataclass(frozen=True)
@@ -37,14 +51,39 @@ class ModelShape:
     """Defaults for a known model's traces, matched by routing shape."""
 
     name: str
-    expert_bytes: int
+    # One expert's weight matrices, [out, in] each, in bf16.
+    matrices: tuple[tuple[int, int], ...]
+
+    def expert_bytes(self, scheme: Quantization | None = None) -> int:
+        """One expert's bytes: bf16, or its blob quantized with `scheme`."""
+        return sum(matrix_bytes(rows, cols, scheme) for rows, cols in self.matrices)
 
 
-# Expert bytes in bf16: three (hidden x moe_intermediate) matrices.
+def matrix_bytes(rows: int, cols: int, scheme: Quantization | None) -> int:
+    """Bytes of a bf16 [rows, cols] matrix as an expert blob holds it: as it
+    is, or quantized (`quantization.ExpertCodec.blob_tensors`: int8/int4
+    values packed 32 / bits to an int32 and a bf16 scale per group of a
+    row's columns; fp8 a byte a value and a float32 scale per block; the
+    blob's 256-byte alignment left out, as for bf16)."""
+    if scheme is None:
+        return rows * cols * BF16_BYTES
+    if scheme.kind == "fp8":
+        assert scheme.block is not None
+        blocks = math.ceil(rows / scheme.block[0]) * math.ceil(cols / scheme.block[1])
+        return rows * cols + blocks * 4
+    values = rows * math.ceil(cols * scheme.bits / 32) * 4
+    return values + rows * math.ceil(cols / scheme.group_size) * BF16_BYTES
+
+
+def _gated(hidden: int, intermediate: int) -> tuple[tuple[int, int], ...]:
+    """A gated MLP expert's matrices: gate and up [intermediate, hidden], down [hidden, intermediate]."""
+    return ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
+
+
 KNOWN_MODELS = {
-    (26, 64, 6): ModelShape("DeepSeek-V2-Lite", 3 * 2048 * 1408 * 2),
-    (32, 8, 2): ModelShape("Mixtral-8x7B", 3 * 4096 * 14336 * 2),
-    (48, 128, 8): ModelShape("Qwen3-30B-A3B", 3 * 2048 * 768 * 2),
+    (26, 64, 6): ModelShape("DeepSeek-V2-Lite", _gated(2048, 1408)),
+    (32, 8, 2): ModelShape("Mixtral-8x7B", _gated(4096, 14336)),
+    (48, 128, 8): ModelShape("Qwen3-30B-A3B", _gated(2048, 768)),
 }
 
 
@@ -58,19 +97,61 @@ class LabParams:
     # One expert's CPU time for one token; None: no CPU, every miss is copied.
     cpu_expert_us: float | None = None
     cpu_experts: str = "auto"
+    # "int8", "int4" or "fp8": experts simulated quantized; None: bf16 (or `expert_bytes`).
+    quantize: str | None = None
+    group_size: int | None = None
 
 
-def expert_bytes_for(trace: Trace, given: int | None) -> tuple[int, str]:
+@dataclass(frozen=True)
+class ExpertSize:
+    """The size of one simulated expert and of one unit of `capacity`."""
+
+    nbytes: int  # one expert as the replay copies it
+    unquantized: int  # the same expert in bf16: `capacity` is a share of these bytes
+    source: str
+
+
+def expert_size(trace: Trace, params: LabParams) -> ExpertSize:
     """The expert size to simulate, and where it came from."""
-    if given is not None:
-        return given, "given"
+    scheme = Quantization.parse(params.quantize, params.group_size)
+    check_sizing(params.expert_bytes, params.quantize)
+    if params.expert_bytes is not None:
+        return ExpertSize(params.expert_bytes, params.expert_bytes, "given")
     known = KNOWN_MODELS.get((trace.num_layers, trace.num_experts, trace.top_k))
     if known is None:
         raise MoeOffloadError(
             f"no default expert size for a {trace.num_layers}-layer, {trace.num_experts}-expert, "
             f"top-{trace.top_k} trace; pass --expert-bytes"
+            + (" (the quantized expert's bytes) and leave --quantize out" if scheme else "")
         )
-    return known.expert_bytes, f"{known.name} (bf16)"
+    bf16 = known.expert_bytes()
+    if scheme is None:
+        return ExpertSize(bf16, bf16, f"{known.name} (bf16)")
+    if scheme.kind == "fp8":
+        assert scheme.block is not None
+        source = f"{known.name} (fp8, blocks of {scheme.block[0]} x {scheme.block[1]})"
+    else:
+        source = f"{known.name} ({scheme.name}, group {scheme.group_size})"
+    return ExpertSize(known.expert_bytes(scheme), bf16, source)
+
+
+def check_sizing(expert_bytes: int | None, quantize: str | None) -> None:
+    """A given expert size and a quantization do not go together: the
+    quantized size is computed from a known model's matrices."""
+    if expert_bytes is not None and quantize is not None:
+        raise MoeOffloadError(
+            f"--quantize {quantize} sizes a known model's experts from their matrices; with "
+            "--expert-bytes give the quantized expert's bytes instead, and leave --quantize out"
+        )
+
+
+def slots_for(trace: Trace, capacity: float, size: ExpertSize) -> int:
+    """Device slots at the budget of `capacity` of the experts' unquantized
+    bytes (round(capacity x experts) unquantized experts): quantized experts
+    fill it with as many more slots as they are smaller, up to every expert."""
+    total = trace.num_layers * trace.num_experts
+    budget = int(round(capacity * total)) * size.unquantized
+    return max(min(budget // size.nbytes, total), trace.top_k)
 
 
 def _raw(requests: list[Request]) -> list[tuple[int, int, int]]:
@@ -107,9 +188,12 @@ def run(
         warmup = trace.requests[cut:]
         measured = trace.requests[:cut] if measured is None else measured
     measured = trace.requests if measured is None else measured
-    nbytes, nbytes_from = expert_bytes_for(trace, params.expert_bytes)
+    size = expert_size(trace, params)
+    nbytes = size.nbytes
     total_experts = trace.num_layers * trace.num_experts
-    slots = max(int(round(params.capacity * total_experts)), trace.top_k)
+    slots = slots_for(trace, params.capacity, size)
+    # A CPU reads a smaller expert in proportionally less time.
+    cpu_us = None if params.cpu_expert_us is None else params.cpu_expert_us * nbytes / size.unquantized
     common = dict(
         layers=trace.num_layers,
         experts=trace.num_experts,
@@ -118,7 +202,7 @@ def run(
         expert_bytes=nbytes,
         bandwidth_bytes_per_s=params.bandwidth_gbps * 1e9,
         layer_compute_s=params.layer_compute_us * 1e-6,
-        cpu_expert_s=None if params.cpu_expert_us is None else params.cpu_expert_us * 1e-6,
+        cpu_expert_s=None if cpu_us is None else cpu_us * 1e-6,
         cpu_experts=params.cpu_experts,
         **planner,
     )
@@ -128,6 +212,7 @@ def run(
         on_request = partial(progress, p) if progress is not None else _no_progress
         figures = replay(p, _raw(measured), _raw(warmup), progress=on_request, **common)
         results[p] = summarize(figures, cpu=params.cpu_expert_us is not None)
+        results[p].update(expert_bytes=nbytes, slots=slots, quantization=params.quantize)
     return {
         "policies": results,
         "trace": {
@@ -145,7 +230,10 @@ def run(
             slots=slots,
             total_experts=total_experts,
             expert_bytes=nbytes,
-            expert_bytes_from=nbytes_from,
+            expert_bytes_from=size.source,
+            unquantized_expert_bytes=size.unquantized,
+            budget_bytes=int(round(params.capacity * total_experts)) * size.unquantized,
+            cpu_expert_us_simulated=cpu_us,
             planner=planner,
         ),
     }

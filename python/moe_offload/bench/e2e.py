@@ -16,6 +16,13 @@ same replayed routing:
 6. accelerate's offload (`device_map` with the experts on the CPU; on a CPU
    device, on disk) — last, since it leaves the model dispatched.
 
+With `--quantize int8 int4` every moe-offload system (2 to 5) also runs with
+its experts quantized to each scheme, at the same device budgets (shares of
+the unquantized expert bytes, so the slots hold more quantized experts),
+beside "resident, SCHEME weights": every expert resident, its weights the
+quantized ones dequantized, which the quantized systems' tokens must equal.
+The resident model and accelerate keep the unquantized weights.
+
 Each system serves the same warm-up requests first, unmeasured, then the
 measured ones: a prefill of the prompt (time to first token) and greedy
 decode steps, each timed on its own.
@@ -56,6 +63,7 @@ from moe_offload.preflight import (
     model_bytes,
     require,
 )
+from moe_offload.quantization import SCHEMES, Quantization
 from moe_offload.sizes import format_size
 from moe_offload.traces import FORMATS, Trace, read_trace
 
@@ -92,6 +100,9 @@ class Settings:
     seed: int = 0
     rounds: int | None = None
     skip_accelerate: bool = False
+    # Schemes ("int8", "int4") the moe-offload systems also run with.
+    quantize: list[str] = field(default_factory=list)
+    group_size: int | None = None
 
 
 @dataclass
@@ -242,7 +253,21 @@ def _fits(model: nn.Module, device: torch.device) -> bool:
     return need < 0.9 * free
 
 
-def _resident(model: nn.Module, device: torch.device, settings: Settings, work: Any, run: Run) -> None:
+def _resident(
+    model: nn.Module, device: torch.device, settings: Settings, work: Any, run: Run, scheme: str | None
+) -> None:
+    """Every expert on the device; with `scheme`, its weights the quantized
+    ones dequantized (the unquantized ones put back after)."""
+    if scheme is not None:
+        dequantize_experts(model, _scheme(settings, scheme))
+    try:
+        _serve_resident(model, device, settings, work, run)
+    finally:
+        if scheme is not None:
+            work.restore(model)
+
+
+def _serve_resident(model: nn.Module, device: torch.device, settings: Settings, work: Any, run: Run) -> None:
     model.to(device)
     decoder = Decoder(model, device, work.replay)
     decoder.serve(work.warmup[:1], settings.new_tokens, None)
@@ -261,13 +286,21 @@ def _offloaded(
     policy: str,
     fraction: float,
     cpu_experts: str,
+    scheme: str | None = None,
 ) -> dict[str, Any]:
     # On a CPU device the CPU runs experts from where they lie: no slots.
     no_slots = device.type == "cpu" and cpu_experts != "never"
+    # A share of the unquantized expert bytes, whatever the scheme.
     budget = None if no_slots else max(1, int(fraction * work.expert_bytes))
     # The warm-up requests fill the EAMC (and the caches) before measuring.
     offloader = moe_offload.patch(
-        model, device=device, device_budget=budget, policy=policy, cpu_experts=cpu_experts
+        model,
+        device=device,
+        device_budget=budget,
+        policy=policy,
+        cpu_experts=cpu_experts,
+        quantize=scheme,
+        group_size=settings.group_size if scheme in SCHEMES else None,
     )
     try:
         decoder = Decoder(model, device, work.replay)
@@ -282,12 +315,55 @@ def _offloaded(
         stats = offloader.stats()
     finally:
         moe_offload.unpatch(model)
+        if scheme is not None:
+            work.restore(model)  # unpatch gave back the dequantized weights
     return {
         "budget_bytes": stats["budget_bytes"],
         "slots": stats["slots"],
         "backend": stats["backend"],
         "cpu_experts": cpu_experts,
+        "quantization": stats["quantization"],
+        "expert_bytes": stats["expert_bytes"],
     }
+
+
+def _scheme(settings: Settings, name: str) -> Quantization:
+    scheme = Quantization.parse(name, settings.group_size if name in SCHEMES else None)
+    assert scheme is not None
+    return scheme
+
+
+def dequantize_experts(model: nn.Module, scheme: Quantization) -> None:
+    """Replaces every expert matrix of `model` by its values quantized with
+    `scheme` and dequantized: the weights a quantized patch computes with."""
+    with torch.no_grad():
+        for block in find_expert_blocks(model):
+            block.quantize(scheme)
+            assert block.codec is not None
+            for expert in range(block.num_experts):
+                tensors = dict(block.expert_tensors(expert))
+                decoded = block.codec.decode(block.codec.encode({s.name: t for s, t in tensors.items()}))
+                for spec, tensor in tensors.items():
+                    tensor.copy_(decoded[spec.name])
+
+
+class ExpertSnapshot:
+    """A copy of the model's expert parameters, to put back after a
+    quantized run: unpatching a quantized patch leaves the dequantized
+    values in the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.saved = {
+            names[id(p)]: p.detach().to("cpu", copy=True)
+            for block in find_expert_blocks(model)
+            for p in block.parameters()
+        }
+
+    def restore(self, model: nn.Module) -> None:
+        with torch.no_grad():
+            for name, value in self.saved.items():
+                model.get_parameter(name).copy_(value)
 
 
 def _accelerate(model: nn.Module, device: torch.device, settings: Settings, work: Any) -> tuple[Run, str]:
@@ -320,7 +396,13 @@ class Workload:
     replay: RouterReplay | None
     warmup: list[Request]
     measured: list[Request]
-    expert_bytes: int
+    expert_bytes: int  # every routed expert, unquantized
+    snapshot: ExpertSnapshot | None = None  # with --quantize
+
+    def restore(self, model: nn.Module) -> None:
+        """The unquantized expert weights back in `model`."""
+        assert self.snapshot is not None
+        self.snapshot.restore(model)
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -361,6 +443,8 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
         replay.check(trace.num_layers, trace.num_experts, trace.top_k)
     warmup, measured = _requests(settings, config.vocab_size, trace)
     work = Workload(replay, warmup, measured, _expert_bytes(model))
+    if settings.quantize:
+        work.snapshot = ExpertSnapshot(model)
     params = sum(p.numel() for p in model.parameters())
     log(
         f"{settings.model}: {shapes.moe_layers(config, settings.model)} MoE layers, "
@@ -374,27 +458,33 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     # Every system in every round, so that a machine whose speed drifts
     # affects them alike (every other round in reverse order, so a steady
     # drift evens out); each system's latencies are pooled over rounds.
-    fractions = sorted({*settings.sweep, settings.budget_fraction})
-    main = settings.budget_fraction
-    plan: list[tuple[str, str | None, float, str]] = [("resident", None, 1.0, "never")]
-    plan += [("lru", "lru", main, "never"), ("reference", "reference", main, "never")]
-    plan += [(f"activation-aware {f:.0%}", "activation-aware", f, "never") for f in fractions]
-    for mode in settings.cpu_experts:
-        where = "no slots" if device.type == "cpu" else f"{main:.0%}"
-        plan.append((f"activation-aware {where}, CPU {mode}", "activation-aware", main, mode))
+    plan = _plan(settings, device)
     if not _fits(model, device):
-        plan = plan[1:]
+        plan = [system for system in plan if system.policy is not None]
         notes.append("resident: skipped, the model does not fit on the device")
-    runs = {name: Run() for name, _, _, _ in plan}
+    if settings.quantize:
+        notes.append(
+            f"quantized systems ({', '.join(settings.quantize)}; int8/int4 group size "
+            f"{settings.group_size or Quantization(8).group_size}): device budgets are shares of the "
+            "unquantized expert bytes; their tokens are compared with the resident model holding the "
+            "dequantized weights (resident, SCHEME weights), and that one's with the resident model"
+        )
+    runs = {system.name: Run() for system in plan}
     details: dict[str, dict[str, Any]] = {}
     with third_party_output_held_back() as held:
         for round_ in range(settings.rounds):
-            for name, policy, fraction, mode in plan if round_ % 2 == 0 else reversed(plan):
+            for system in plan if round_ % 2 == 0 else reversed(plan):
+                name, policy, fraction, mode, scheme = (
+                    system.name, system.policy, system.fraction, system.cpu_experts, system.scheme
+                )  # fmt: skip
                 log(f"round {round_ + 1}/{settings.rounds}: {name} ...")
                 if policy is None:
-                    _resident(model, device, settings, work, runs[name])
+                    _resident(model, device, settings, work, runs[name], scheme)
+                    details[name] = {"quantization": scheme}
                 else:
-                    extra = _offloaded(model, device, settings, work, runs[name], policy, fraction, mode)
+                    extra = _offloaded(
+                        model, device, settings, work, runs[name], policy, fraction, mode, scheme
+                    )
                     details[name] = dict(extra, policy=policy, budget_fraction=fraction)
         if not settings.skip_accelerate:
             # Last, and in one round: it leaves the model dispatched, and it is
@@ -410,12 +500,7 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
     for name, result in runs.items():
         systems[name] = dict(result.summary(base), **details.get(name, {}))
 
-    # Every round of a system serves the same requests: its tokens repeat.
-    reference = runs.get("resident") or runs["lru"]
-    for name, result in runs.items():
-        systems[name]["same_tokens_as_resident" if resident else "same_tokens_as_lru"] = (
-            result.tokens == reference.tokens[: len(result.tokens)]
-        )
+    _check_tokens(systems, runs, {s.name: s for s in plan})
     return {
         "command": _command(settings),
         "commit": provenance.commit(),
@@ -434,6 +519,54 @@ def run(settings: Settings, log: Any = print) -> dict[str, Any]:
         "notes": notes,
         "seconds": time.perf_counter() - started,
     }
+
+
+@dataclass(frozen=True)
+class System:
+    """One system of the plan: `policy` None is the resident model."""
+
+    name: str
+    policy: str | None
+    fraction: float
+    cpu_experts: str
+    scheme: str | None = None
+
+
+def _plan(settings: Settings, device: torch.device) -> list[System]:
+    """Every system measured in each round: the resident model, the
+    moe-offload systems, and those again with each --quantize scheme."""
+    fractions = sorted({*settings.sweep, settings.budget_fraction})
+    main = settings.budget_fraction
+    offloaded = [System("lru", "lru", main, "never"), System("reference", "reference", main, "never")]
+    offloaded += [System(f"activation-aware {f:.0%}", "activation-aware", f, "never") for f in fractions]
+    for mode in settings.cpu_experts:
+        where = "no slots" if device.type == "cpu" else f"{main:.0%}"
+        offloaded.append(System(f"activation-aware {where}, CPU {mode}", "activation-aware", main, mode))
+    plan = [System("resident", None, 1.0, "never"), *offloaded]
+    for scheme in settings.quantize:
+        plan.append(System(f"resident, {scheme} weights", None, 1.0, "never", scheme))
+        plan += [
+            System(f"{s.name}, {scheme}", s.policy, s.fraction, s.cpu_experts, scheme) for s in offloaded
+        ]
+    return plan
+
+
+def _check_tokens(systems: dict[str, dict[str, Any]], runs: dict[str, Run], plan: dict[str, System]) -> None:
+    """Whether each system generated its reference's tokens: the resident
+    model's (else lru's, when it did not fit); for a quantized system, the
+    resident model's with the same dequantized weights (else its scheme's
+    lru). Every round of a system serves the same requests: its tokens repeat."""
+    for name, result in runs.items():
+        system = plan.get(name)
+        if system is None or system.scheme is None or system.policy is None:
+            candidates = [("resident", "resident"), ("lru", "lru")]
+        else:
+            candidates = [
+                (f"resident, {system.scheme} weights", "dequantized_resident"),
+                (f"lru, {system.scheme}", "quantized_lru"),
+            ]
+        reference, key = next((c for c in candidates if c[0] in runs), candidates[-1])
+        systems[name][f"same_tokens_as_{key}"] = result.tokens == runs[reference].tokens[: len(result.tokens)]
 
 
 def _report_held_back(held: list[str], log: Any) -> None:
@@ -555,6 +688,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"measure every system this many times, interleaved (default: {CPU_ROUNDS} on a CPU, else 1)",
     )
     parser.add_argument(
+        "--quantize",
+        nargs="+",
+        choices=[*SCHEMES, "fp8"],
+        default=d.quantize,
+        metavar="SCHEME",
+        help="also run every moe-offload system with its experts quantized (int8, int4, fp8; as "
+        "`convert --quantize`) at the same device budgets, beside the resident model holding the "
+        "dequantized weights (default: none)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help="input features per int8/int4 quantization scale (default: 128; needs --quantize)",
+    )
+    parser.add_argument(
         "--skip-accelerate",
         action="store_true",
         help="leave accelerate's offload out (default: measure it; needs the bench extra)",
@@ -582,6 +731,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise MoeOffloadError(
             "--requests, --prompt-tokens and --rounds must be at least 1, --new-tokens at least 2"
         )
+    if settings.group_size is not None and not set(settings.quantize) & set(SCHEMES):
+        raise MoeOffloadError(f"--group-size {settings.group_size} needs --quantize int8 or int4")
+    if settings.group_size is not None and not 1 <= settings.group_size <= 1 << 20:
+        raise MoeOffloadError(f"--group-size {settings.group_size} must be in 1..{1 << 20}, e.g. 128")
     if settings.warmup_requests < 0:
         raise MoeOffloadError(f"--warmup-requests {settings.warmup_requests} must not be negative")
     for fraction in [settings.budget_fraction, *settings.sweep]:
@@ -620,8 +773,9 @@ def _check_fits(settings: Settings, device: torch.device) -> None:
     shrink = "shrink it with --layers N, --hidden H or --experts E"
     # The model is built in host memory; on a CPU the device slots are host
     # memory too; on CUDA the pinned host tier is allocated whole while the
-    # model still holds its experts.
+    # model still holds its experts. --quantize keeps a copy of the experts.
     host = total + int(experts * (1.0 if device.type == "cuda" else largest))
+    host += experts if settings.quantize else 0
     check_host_memory(host, shape, shrink)
     device_need = total - experts + int(experts * largest)
     check_device_memory(

@@ -21,6 +21,14 @@ COLUMNS = (
     ("cpu_experts_per_token", "CPU experts/token", "{:.1f}"),
     ("ratio_to_resident", "x resident", "{:.2f}"),
 )
+# Which reference a system's tokens were compared with (e2e._check_tokens),
+# in the order a system has them.
+SAME_TOKENS = (
+    "same_tokens_as_resident",
+    "same_tokens_as_lru",
+    "same_tokens_as_dequantized_resident",
+    "same_tokens_as_quantized_lru",
+)
 
 
 def _cell(value: Any, fmt: str, key: str) -> str:
@@ -46,7 +54,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---" * (len(COLUMNS) + 2) + "|",
     ]
     for name, figures in report["systems"].items():
-        same = figures.get("same_tokens_as_resident", figures.get("same_tokens_as_lru"))
+        same = next((figures[key] for key in SAME_TOKENS if key in figures), None)
         cells = [_cell(figures.get(key), fmt, key) for key, _, fmt in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_cell(same, '', '')} |")
     for note in report["notes"]:
@@ -74,14 +82,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     cdf.xaxis.set_major_formatter(ticker.ScalarFormatter())
     cdf.xaxis.set_minor_formatter(ticker.NullFormatter())
     cdf.legend(fontsize=8)
-    points = sorted(
-        (f["budget_fraction"], f["median_ms"])
-        for f in report["systems"].values()
-        if f.get("policy") == "activation-aware" and f.get("cpu_experts") == "never"
-    )
-    budget.plot(
-        [100 * x for x, _ in points], [y for _, y in points], marker="o", label="activation-aware, copying"
-    )
+    for scheme, points in _budget_curves(report).items():
+        label = "activation-aware, copying" + (f", {scheme}" if scheme else "")
+        budget.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=label)
     if "resident" in report["systems"]:
         budget.axhline(
             report["systems"]["resident"]["median_ms"], color="gray", linestyle="--", label="resident"
@@ -94,6 +97,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def _budget_curves(report: dict[str, Any]) -> dict[str | None, list[tuple[float, float]]]:
+    """(device budget, median ms/token) of activation-aware copying every
+    miss, per quantization (None: unquantized), by budget."""
+    curves: dict[str | None, list[tuple[float, float]]] = {}
+    for f in report["systems"].values():
+        if f.get("policy") == "activation-aware" and f.get("cpu_experts") == "never":
+            curves.setdefault(f.get("quantization"), []).append((f["budget_fraction"], f["median_ms"]))
+    return {scheme: sorted(points) for scheme, points in curves.items()}
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
