@@ -19,7 +19,7 @@ follows a trace request of its own token by token, however continuous
 batching packs its tokens with other requests'. Without it the model's own
 random router routes.
 
-    .venv/bin/python benches/serve.py --model mixtral-8x7b --trace TRACES/mixtral-8x7b \
+    .venv/bin/python benches/serve.py --model mixtral-8x7b --trace TRACES/mixtral-8x7b
         --out benches/results/serve-cpu-mixtral-8x7b
 """
 
@@ -45,8 +45,7 @@ import torch
 
 from moe_offload import provenance
 from moe_offload.bench import shapes
-from moe_offload.bench.e2e import CPU_HIDDEN, CPU_LAYERS, DTYPES
-from moe_offload.traces import FORMATS
+from moe_offload.bench.e2e import CPU_HIDDEN, CPU_LAYERS, DTYPES, add_trace_arguments
 
 MODEL_NAME = "bench"
 START_TIMEOUT_S = 300.0
@@ -407,21 +406,7 @@ def parse_args() -> argparse.Namespace:
         help="model shape (default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="the server's --device (default: %(default)s)")
-    parser.add_argument(
-        "--trace",
-        nargs="+",
-        type=Path,
-        default=[],
-        metavar="TRACE",
-        help="routing trace files or directories to replay (default: none, the random router routes)",
-    )
-    parser.add_argument(
-        "--format",
-        dest="trace_format",
-        choices=FORMATS,
-        default="auto",
-        help="trace format (default: %(default)s, told from the files)",
-    )
+    add_trace_arguments(parser)
     parser.add_argument(
         "--layers", type=int, help=f"MoE layers (default: {CPU_LAYERS} on a CPU, else the model's)"
     )

@@ -81,23 +81,14 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _convert_parser(commands: argparse._SubParsersAction) -> None:
+    from moe_offload import quantization
+
     convert = commands.add_parser(
         "convert", help="write the expert store for a Hugging Face safetensors checkpoint"
     )
     convert.add_argument("checkpoint", help="checkpoint directory (config.json and safetensors shards)")
     convert.add_argument("store", help="directory of the expert store to write")
-    convert.add_argument(
-        "--quantize",
-        choices=("int8", "int4", "fp8"),
-        help="store every expert matrix quantized, weight-only: int8/int4 with one scale per group, fp8 "
-        "with one per 128 x 128 block (default: as it is)",
-    )
-    convert.add_argument(
-        "--group-size",
-        type=int,
-        metavar="N",
-        help="input features per int8/int4 scale (default: 128; needs --quantize)",
-    )
+    quantization.add_arguments(convert, "store every expert matrix quantized")
     convert.add_argument(
         "--dtype", help="convert weights to this dtype, e.g. bfloat16 (default: the config's)"
     )

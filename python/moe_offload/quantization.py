@@ -18,6 +18,7 @@ scratch buffer on the device where it runs (allocated once, reused)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field
 
@@ -42,6 +43,22 @@ def _shifts(bits: int, device: torch.device) -> torch.Tensor:
     if key not in _SHIFTS:
         _SHIFTS[key] = torch.arange(0, 32, bits, dtype=torch.int32, device=device)
     return _SHIFTS[key]
+
+
+def add_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--quantize and --group-size, for a command that keeps experts as `what` says."""
+    parser.add_argument(
+        "--quantize",
+        choices=(*SCHEMES, "fp8"),
+        help=f"{what}, weight-only: int8/int4 with one scale per group of input features, fp8 with one "
+        f"per {FP8_BLOCK} x {FP8_BLOCK} block (default: as they are)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help=f"input features per int8/int4 scale (default: {DEFAULT_GROUP_SIZE}; needs --quantize)",
+    )
 
 
 @dataclass(frozen=True)

@@ -578,11 +578,8 @@ def _report_held_back(held: list[str], log: Any) -> None:
         log(f"({len(held)} warning(s) from other libraries while measuring held back; --verbose shows them)")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Settings()
-    parser.add_argument(
-        "--model", choices=list(shapes.SHAPES), default=d.model, help=f"model shape (default: {d.model})"
-    )
+def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    """--trace and --format: the recorded routing a benchmark replays."""
     parser.add_argument(
         "--trace",
         nargs="+",
@@ -595,9 +592,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         dest="trace_format",
         choices=FORMATS,
-        default=d.trace_format,
-        help=f"trace format (default: {d.trace_format}, told from the files)",
+        default="auto",
+        help="trace format (default: auto, told from the files)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = Settings()
+    parser.add_argument(
+        "--model", choices=list(shapes.SHAPES), default=d.model, help=f"model shape (default: {d.model})"
+    )
+    add_trace_arguments(parser)
     parser.add_argument(
         "--device", default=d.device, help=f"where the model runs: cpu, cuda or cuda:N (default: {d.device})"
     )

@@ -19,6 +19,7 @@ API_KEY_ENV = "MOE_OFFLOAD_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from moe_offload import quantization
     from moe_offload.offloader import CPU_EXPERTS, POLICIES
     from moe_offload.serve.engine import EngineConfig
 
@@ -39,14 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-experts", choices=CPU_EXPERTS, default="auto", help="where misses run (default: %(default)s)"
     )
-    parser.add_argument(
-        "--quantize",
-        choices=("int8", "int4", "fp8"),
-        help="keep the experts quantized (converted into --store-dir on first use; a quantized store "
-        "is served as it is)",
-    )
-    parser.add_argument(
-        "--group-size", type=int, metavar="N", help="input features per int8/int4 scale (default: 128)"
+    quantization.add_arguments(
+        parser,
+        "keep the experts quantized (converted into --store-dir on first use; a quantized store is "
+        "served as it is)",
     )
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: PATH)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
