@@ -22,14 +22,14 @@ use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::cache::core::{CacheCore, CopyJob, ExecutionCosts, Placement};
+use crate::cache::core::{CacheCore, CopyJob, ExecutionCosts, Gated, Placement};
 use crate::cache::oracle::Oracle;
 use crate::cache::{policy_by_name, CachePolicy};
 use crate::error::{CoreError, Result};
 use crate::execution::CpuExperts;
 use crate::layout::{ExpertId, ExpertLayout};
 use crate::planner::{Planner, PlannerConfig, RequestId, Timing};
-use crate::queue::PrefetchQueue;
+use crate::queue::{PrefetchQueue, Urgency};
 use crate::tiers::device::{Phase, SlotId, SlotPool};
 
 /// One request's routing: `ids[(t * layers + l) * top_k + j]` is the j-th
@@ -55,6 +55,10 @@ pub struct ReplayConfig {
     pub cpu_expert_s: Option<f64>,
     /// Where misses run when `cpu_expert_s` is set.
     pub cpu_experts: CpuExperts,
+    /// Copies go in chunks of this many bytes, and an on-demand copy waits
+    /// for a running prefetch's chunk only (a model of a copy engine fed in
+    /// chunks; the live cache copies whole experts); `None`: whole copies.
+    pub copy_chunk_bytes: Option<u64>,
 }
 
 /// What one policy did over the replay.
@@ -80,21 +84,113 @@ pub struct ReplayReport {
     /// Experts run on the CPU, and the CPU time they took.
     pub cpu_experts: u64,
     pub cpu_s: f64,
+    /// How well the planner predicted the layers ahead (a predictive
+    /// policy only).
+    pub predictor: PredictorScore,
 }
 
-/// One copy engine on a simulated clock.
+/// Look-ahead distances the predictor is scored at.
+pub const SCORED_DISTANCES: usize = 4;
+
+/// The planner's predictions against the routing that came: after each
+/// plan at layer l of a token, its `top_k` likeliest experts at layer
+/// l + d of the same token (d = 1..=[`SCORED_DISTANCES`], within the
+/// token) against the `top_k` the token used there. Both sets have
+/// `top_k` experts, so precision and recall are the same figure:
+/// `used[d - 1] / predicted[d - 1]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PredictorScore {
+    pub predicted: [u64; SCORED_DISTANCES],
+    pub used: [u64; SCORED_DISTANCES],
+}
+
+impl PredictorScore {
+    /// Scores the plan made at `layer` of `request`'s `token`, whose use
+    /// probabilities (per expert id) are `probability`.
+    fn score(
+        &mut self,
+        probability: &[f32],
+        config: &ReplayConfig,
+        request: &Routing,
+        token: usize,
+        layer: usize,
+    ) {
+        let (experts, k) = (config.experts, config.top_k);
+        let mut ranked: Vec<(f32, u32)> = Vec::with_capacity(experts);
+        for d in 1..=SCORED_DISTANCES {
+            let target = layer + d;
+            if target >= config.layers {
+                break;
+            }
+            ranked.clear();
+            let row = &probability[target * experts..(target + 1) * experts];
+            ranked.extend(row.iter().zip(0u32..).map(|(&p, e)| (p, e)));
+            // Likeliest first; equals by expert id, as the planner ranks.
+            ranked.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let start = (token * config.layers + target) * k;
+            let actual = &request.ids[start..start + k];
+            let used = ranked[..k]
+                .iter()
+                .filter(|(p, e)| *p > 0.0 && actual.contains(e))
+                .count();
+            self.predicted[d - 1] += k as u64;
+            self.used[d - 1] += used as u64;
+        }
+    }
+}
+
+/// One copy engine on a simulated clock. Copies run back to back: the next
+/// queued copy starts when the previous one completes (or when it was
+/// queued, if the engine was idle), not when the replay next looks, so the
+/// engine never idles mid-layer with copies waiting. The queue puts
+/// on-demand copies ahead of prefetches. A running copy is not preempted,
+/// unless copies go in chunks ([`ReplayConfig::copy_chunk_bytes`]): then a
+/// prefetch or background copy pauses at the end of its chunk for the
+/// on-demand copies queued meanwhile, and resumes after them.
 struct CopyEngine {
     /// When the engine finishes its current copy (or went idle).
     free_at: f64,
     current: Option<CopyJob>,
     seconds_per_byte: f64,
+    /// When copies were last queued: none of those queued can start before.
+    queued_at: f64,
+    /// When the current copy (or its resumed part) started, and whether an
+    /// on-demand copy may pause it.
+    started_at: f64,
+    preemptible: bool,
+    /// One chunk's copy time; `None`: whole copies.
+    chunk_s: Option<f64>,
+    /// A copy paused for on-demand ones, and its seconds left.
+    paused: Option<(CopyJob, f64)>,
 }
 
 impl CopyEngine {
-    /// Runs the engine up to time `now`: completes copies that end by then
-    /// and starts queued ones back to back (none starts before `enqueued`).
-    fn run_until(&mut self, core: &mut CacheCore, queue: &PrefetchQueue, now: f64, enqueued: f64) {
+    fn new(seconds_per_byte: f64) -> Self {
+        Self {
+            free_at: 0.0,
+            current: None,
+            seconds_per_byte,
+            queued_at: 0.0,
+            started_at: 0.0,
+            preemptible: false,
+            chunk_s: None,
+            paused: None,
+        }
+    }
+
+    /// The replay queued copies at `now`. Every push is followed by this
+    /// call at the push's time, so an idle engine with copies queued has
+    /// them from `queued_at` on.
+    fn queued(&mut self, now: f64) {
+        self.queued_at = self.queued_at.max(now);
+    }
+
+    /// Runs the engine up to time `now`: completes the copies that end by
+    /// then, each next one starting at its predecessor's completion (or
+    /// when it was queued, whichever is later).
+    fn run_until(&mut self, core: &mut CacheCore, queue: &PrefetchQueue, now: f64) {
         loop {
+            self.pause_for_on_demand(queue, now);
             if let Some(job) = self.current {
                 if self.free_at > now {
                     return;
@@ -102,22 +198,58 @@ impl CopyEngine {
                 core.finish_copy(&job, Ok(()));
                 self.current = None;
             }
-            if !self.start_next(core, queue, enqueued) {
+            if self.free_at.max(self.queued_at) > now || !self.start_next(core, queue) {
                 return;
             }
         }
     }
 
-    fn start_next(&mut self, core: &mut CacheCore, queue: &PrefetchQueue, enqueued: f64) -> bool {
+    /// Pauses a chunked prefetch (or background copy) at the end of the
+    /// chunk during which on-demand copies were queued, if that is by `now`
+    /// and before it completes.
+    fn pause_for_on_demand(&mut self, queue: &PrefetchQueue, now: f64) {
+        let (Some(chunk_s), Some(job)) = (self.chunk_s, self.current) else {
+            return;
+        };
+        if !self.preemptible || self.queued_at >= self.free_at || !on_demand_waiting(queue) {
+            return;
+        }
+        let into = (self.queued_at - self.started_at).max(0.0);
+        let boundary = self.started_at + (into / chunk_s).ceil() * chunk_s;
+        if boundary < self.free_at && boundary <= now {
+            self.paused = Some((job, self.free_at - boundary));
+            self.current = None;
+            self.free_at = boundary;
+        }
+    }
+
+    /// Starts the next copy at the later of the last completion and the
+    /// last push: on-demand copies first, then a paused copy, then the
+    /// most urgent queued copy that the core still wants.
+    fn start_next(&mut self, core: &mut CacheCore, queue: &PrefetchQueue) -> bool {
+        let start = self.free_at.max(self.queued_at);
+        if !on_demand_waiting(queue) {
+            if let Some((job, left)) = self.paused.take() {
+                self.run(job, start, left, true);
+                return true;
+            }
+        }
         while let Some(request) = queue.try_pop() {
             if let Some(job) = core.accept(request) {
-                self.free_at =
-                    self.free_at.max(enqueued) + job.bytes as f64 * self.seconds_per_byte;
-                self.current = Some(job);
+                let seconds = job.bytes as f64 * self.seconds_per_byte;
+                let preemptible = request.urgency != Urgency::OnDemand;
+                self.run(job, start, seconds, preemptible);
                 return true;
             }
         }
         false
+    }
+
+    fn run(&mut self, job: CopyJob, start: f64, seconds: f64, preemptible: bool) {
+        self.current = Some(job);
+        self.started_at = start;
+        self.free_at = start + seconds;
+        self.preemptible = preemptible;
     }
 
     /// What is left at `now` of the copy the engine is running.
@@ -137,17 +269,28 @@ impl CopyEngine {
         mut now: f64,
     ) -> Result<f64> {
         while slots.iter().any(|&s| core.phase(s) != &Phase::Ready) {
-            if self.current.is_none() && !self.start_next(core, queue, now) {
+            if self.current.is_none() && !self.start_next(core, queue) {
                 return Err(CoreError::Protocol(
                     "replay: a fetched expert is not ready and has no copy queued or running"
                         .into(),
                 ));
             }
             now = now.max(self.free_at);
-            self.run_until(core, queue, now, now);
+            self.run_until(core, queue, now);
         }
         Ok(now)
     }
+}
+
+/// One chunk's copy time, where copies go in chunks smaller than an expert.
+fn chunk_s(config: &ReplayConfig) -> Option<f64> {
+    let chunk = config.copy_chunk_bytes?.min(config.expert_bytes);
+    Some(chunk as f64 / config.bandwidth_bytes_per_s)
+}
+
+/// Whether an on-demand copy is queued.
+fn on_demand_waiting(queue: &PrefetchQueue) -> bool {
+    queue.count_if(|r| r.urgency == Urgency::OnDemand) > 0
 }
 
 /// Replays `requests` under `policy` ("oracle" included) after feeding
@@ -195,6 +338,7 @@ pub fn replay_with_progress(
             copy_s: (config.expert_bytes as f64 / config.bandwidth_bytes_per_s) as f32,
             layer_s: config.layer_compute_s as f32,
             copies_compete: false,
+            chunk_s: chunk_s(config).map(|s| s as f32),
         });
         Some(planner)
     } else {
@@ -210,19 +354,19 @@ pub fn replay_with_progress(
         }
     }
     let queue = PrefetchQueue::new();
-    let mut engine = CopyEngine {
-        free_at: 0.0,
-        current: None,
-        seconds_per_byte: 1.0 / config.bandwidth_bytes_per_s,
-    };
+    let mut engine = CopyEngine::new(1.0 / config.bandwidth_bytes_per_s);
+    engine.chunk_s = chunk_s(config);
     let mut now = 0.0f64;
     let mut stall = 0.0f64;
     let mut steps = 0usize;
+    let mut predictor = PredictorScore::default();
     let mut ids: Vec<ExpertId> = Vec::with_capacity(config.top_k);
     for (done, request) in requests.iter().enumerate() {
         let id: Option<RequestId> = planner.as_mut().map(|p| p.begin_request());
-        for_each_layer(config, request, |_, layer, experts| {
-            engine.run_until(&mut core, &queue, now, now);
+        for_each_layer(config, request, |token, layer, experts| {
+            // Copies that completed during the last layer, and those that
+            // started after them, with the last layer's plan.
+            engine.run_until(&mut core, &queue, now);
             steps += 1;
             if let Some(clock) = &oracle_clock {
                 clock.store(steps * config.top_k, Ordering::Relaxed);
@@ -238,8 +382,14 @@ pub fn replay_with_progress(
             if let (Some(id), Some(planner)) = (id, planner.as_mut()) {
                 planner.observe(id, layer, experts)?;
                 let depth = planner.prefetch_depth();
-                let (scores, prefetch) = planner.plan(layer);
-                core.plan(&queue, scores, &prefetch, depth);
+                let prefetch = planner.plan(layer).1;
+                let gated = planner.timing().map(|t| Gated {
+                    gate: t.gate(),
+                    use_probability: planner.use_probability(),
+                });
+                core.plan_gated(&queue, planner.scores(), &prefetch, depth, gated);
+                engine.queued(now);
+                predictor.score(planner.use_probability(), config, request, token, layer);
             }
             let mut sim = Layer {
                 core: &mut core,
@@ -289,6 +439,7 @@ pub fn replay_with_progress(
         total_s: now,
         resident_s: tokens as f64 * config.layers as f64 * config.layer_compute_s,
         cpu_experts: stats.cpu_experts,
+        predictor,
         cpu_s: config
             .cpu_expert_s
             .map_or(0.0, |t| stats.cpu_experts as f64 * t),
@@ -310,7 +461,7 @@ impl Layer<'_> {
     /// the slots until they land) and when the layer's copies have landed.
     fn fetch(&mut self, ids: &[ExpertId], mut now: f64) -> Result<(f64, f64)> {
         let slots = self.fetch_waiting_for_room(ids, &mut now)?;
-        self.engine.run_until(self.core, self.queue, now, now);
+        self.engine.run_until(self.core, self.queue, now);
         let ready = self.engine.wait_for(self.core, self.queue, &slots, now)?;
         for &e in ids {
             self.core.release(e, false)?;
@@ -325,9 +476,12 @@ impl Layer<'_> {
             match self.core.fetch(self.queue, ids) {
                 Err(CoreError::BudgetTooSmall { .. }) if self.engine.current.is_some() => {
                     *now = now.max(self.engine.free_at);
-                    self.engine.run_until(self.core, self.queue, *now, *now);
+                    self.engine.run_until(self.core, self.queue, *now);
                 }
-                outcome => return outcome,
+                outcome => {
+                    self.engine.queued(*now);
+                    return outcome;
+                }
             }
         }
     }
@@ -354,6 +508,7 @@ impl Layer<'_> {
         let placements = self
             .core
             .place(self.queue, ids, &tokens, mode, Some(&costs))?;
+        self.engine.queued(start);
         let (mut pinned, mut later, mut on_cpu) = (Vec::new(), Vec::new(), 0u32);
         for (&id, placement) in ids.iter().zip(&placements) {
             match placement {
@@ -377,7 +532,7 @@ impl Layer<'_> {
     /// Runs the copy engine from `now` until the pinned `experts` (with
     /// their slots) have landed, then releases them; returns that time.
     fn wait_and_release(&mut self, experts: &[(ExpertId, SlotId)], now: f64) -> Result<f64> {
-        self.engine.run_until(self.core, self.queue, now, now);
+        self.engine.run_until(self.core, self.queue, now);
         let slots: Vec<SlotId> = experts.iter().map(|&(_, slot)| slot).collect();
         let ready = self.engine.wait_for(self.core, self.queue, &slots, now)?;
         for &(id, _) in experts {
@@ -545,6 +700,12 @@ fn validate<'a>(
             config.layer_compute_s
         ));
     }
+    if config.copy_chunk_bytes == Some(0) {
+        return invalid(
+            "copy_chunk_bytes 0: a chunk must hold at least one byte (or none: whole copies)"
+                .into(),
+        );
+    }
     if let Some(cpu_s) = config.cpu_expert_s {
         if !(cpu_s.is_finite() && cpu_s >= 0.0) {
             return invalid(format!(
@@ -633,6 +794,7 @@ mod tests {
             planner: PlannerConfig::default(),
             cpu_expert_s: None,
             cpu_experts: CpuExperts::Auto,
+            copy_chunk_bytes: None,
         }
     }
 
@@ -985,6 +1147,123 @@ mod tests {
         assert_eq!(victim(&[]), None);
     }
 
+    /// A core of one layer of `experts` experts of 1000 bytes, `slots`
+    /// slots, under activation-aware, and an engine copying one in 1 ms.
+    fn engine_and_core(experts: u32, slots: usize) -> (CacheCore, CopyEngine) {
+        let layout = ExpertLayout::new(&[(experts, 1000)]).unwrap();
+        let pool = SlotPool::new(0, 1000, slots, experts as usize).unwrap();
+        let policy = crate::cache::activation_aware::ActivationAware::new(slots, experts as usize);
+        let core = CacheCore::new(layout, pool, Box::new(policy));
+        (core, CopyEngine::new(1e-6))
+    }
+
+    #[test]
+    fn the_clock_starts_the_next_copy_at_the_completion_time() {
+        let (mut core, mut engine) = engine_and_core(4, 4);
+        let queue = PrefetchQueue::new();
+        let scores = [0.0, 0.0, 0.9, 0.8];
+        core.plan(&queue, &scores, &[(2, 0.9), (3, 0.8)], 2);
+        engine.queued(0.0);
+        engine.run_until(&mut core, &queue, 0.0);
+        assert!(close(engine.free_at, 1e-3), "{}", engine.free_at);
+        // Looked at again only at 5 ms: the second copy ran from 1 to 2 ms,
+        // not from 5 ms (the time the replay next looked).
+        engine.run_until(&mut core, &queue, 5e-3);
+        assert!(close(engine.free_at, 2e-3), "{}", engine.free_at);
+        assert!(engine.current.is_none());
+        for e in [2, 3] {
+            let slot = core.pool().lookup(e).unwrap();
+            assert_eq!(core.phase(slot), &Phase::Ready);
+        }
+        // Idle since 2 ms, a copy queued at 7 ms starts at 7 ms.
+        core.plan(&queue, &[0.9, 0.0, 0.0, 0.0], &[(0, 0.9)], 1);
+        engine.queued(7e-3);
+        engine.run_until(&mut core, &queue, 7e-3);
+        assert!(close(engine.free_at, 8e-3), "{}", engine.free_at);
+    }
+
+    #[test]
+    fn an_on_demand_copy_goes_ahead_of_queued_prefetches() {
+        let (mut core, mut engine) = engine_and_core(4, 4);
+        let queue = PrefetchQueue::new();
+        let scores = [0.0, 0.9, 0.8, 0.7];
+        core.plan(&queue, &scores, &[(1, 0.9), (2, 0.8), (3, 0.7)], 3);
+        engine.queued(0.0);
+        engine.run_until(&mut core, &queue, 0.5e-3);
+        let config = ReplayConfig {
+            layers: 1,
+            ..config(4)
+        };
+        let mut sim = Layer {
+            core: &mut core,
+            queue: &queue,
+            engine: &mut engine,
+            config: &config,
+        };
+        // Expert 0 is needed at 0.5 ms: it waits for the prefetch running
+        // (until 1 ms), not for the two queued (which would end at 3 ms).
+        let (from, ready) = sim.fetch(&[0], 0.5e-3).unwrap();
+        assert!(close(from, 0.5e-3) && close(ready, 2e-3), "{from} {ready}");
+        // The next prefetch follows the on-demand copy, from 2 ms.
+        assert_eq!(queue.len(), 1);
+        assert!(close(engine.free_at, 3e-3), "{}", engine.free_at);
+    }
+
+    #[test]
+    fn a_chunked_prefetch_pauses_for_an_on_demand_copy_and_resumes_after_it() {
+        let (mut core, mut engine) = engine_and_core(4, 4);
+        engine.chunk_s = Some(0.25e-3);
+        let queue = PrefetchQueue::new();
+        core.plan(&queue, &[0.0, 0.9, 0.0, 0.0], &[(1, 0.9)], 1);
+        engine.queued(0.0);
+        engine.run_until(&mut core, &queue, 0.3e-3);
+        let config = ReplayConfig {
+            layers: 1,
+            ..config(4)
+        };
+        let mut sim = Layer {
+            core: &mut core,
+            queue: &queue,
+            engine: &mut engine,
+            config: &config,
+        };
+        // Queued at 0.3 ms, expert 0 waits for the prefetch's chunk to end
+        // (0.5 ms), not for the whole copy (1 ms); the prefetch resumes
+        // after it and lands at 2 ms.
+        let (_, ready) = sim.fetch(&[0], 0.3e-3).unwrap();
+        assert!(close(ready, 1.5e-3), "{ready}");
+        engine.run_until(&mut core, &queue, 5e-3);
+        assert!(close(engine.free_at, 2e-3), "{}", engine.free_at);
+        let slot = core.pool().lookup(1).unwrap();
+        assert_eq!(core.phase(slot), &Phase::Ready);
+        assert_eq!(core.stats().copies, 2);
+    }
+
+    #[test]
+    fn the_predictor_is_scored_per_look_ahead_distance() {
+        // Four layers, each token routes expert t % 4 at every layer: after
+        // warm-up the planner knows where each expert leads.
+        let config = ReplayConfig {
+            layers: 4,
+            ..config(4)
+        };
+        let ids: Vec<u32> = (0..60u32).flat_map(|t| [t % 4; 4]).collect();
+        let routing = [Routing {
+            tokens: 60,
+            ids: &ids,
+        }];
+        let aware = replay("activation-aware", &config, &routing, &routing).unwrap();
+        let score = &aware.predictor;
+        // Plans at layers 0..=2 score d = 1, at 0..=1 d = 2, at 0 d = 3.
+        assert_eq!(score.predicted, [180, 120, 60, 0]);
+        for d in 0..3 {
+            let precision = score.used[d] as f64 / score.predicted[d] as f64;
+            assert!(precision > 0.9, "d = {}: {score:?}", d + 1);
+        }
+        let lru = replay("lru", &config, &routing, &routing).unwrap();
+        assert_eq!(lru.predictor, PredictorScore::default());
+    }
+
     #[test]
     fn experts_the_pool_cannot_hold_beside_the_hits_are_fetched_after_them() {
         // Two slots, one taken by a prefetch copying until 1 ms: the layer's
@@ -1002,13 +1281,9 @@ mod tests {
         let policy = crate::cache::activation_aware::ActivationAware::new(2, 4);
         let mut core = CacheCore::new(layout, pool, Box::new(policy));
         let queue = PrefetchQueue::new();
-        let mut engine = CopyEngine {
-            free_at: 0.0,
-            current: None,
-            seconds_per_byte: 1e-6,
-        };
+        let mut engine = CopyEngine::new(1e-6);
         core.plan(&queue, &[0.0, 0.0, 0.0, 0.9], &[(3, 0.9)], 1);
-        engine.run_until(&mut core, &queue, 0.0, 0.0);
+        engine.run_until(&mut core, &queue, 0.0);
         assert!(engine.current.is_some() && close(engine.backlog(0.0), 1e-3));
         let mut sim = Layer {
             core: &mut core,

@@ -76,6 +76,8 @@ impl TimingEstimate {
             copy_s: (self.seconds_per_byte? * expert_bytes as f64) as f32,
             layer_s: self.layer_seconds? as f32,
             copies_compete: self.copies_compete,
+            // The live copy workers copy whole experts.
+            chunk_s: None,
         })
     }
 }

@@ -86,6 +86,79 @@ pub struct ExecutionCosts {
     pub copy_backlog_s: Option<f64>,
 }
 
+/// The prefetch cost gate's rates, in seconds (the lab's settings, or the
+/// live cache's measurements).
+///
+/// A prefetch expected to be used with probability `p` saves `p` whole
+/// on-demand copies (it lands before its layer starts: the planner aims
+/// only at layers a copy can reach). It costs, right or wrong, the
+/// on-demand copy time it delays: the copy engine does not preempt a
+/// running copy, so the next layer's on-demand copies wait for what is
+/// left of it, up to a whole copy; and it costs the expected hits of the
+/// expert it evicts, each of which becomes an on-demand copy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrefetchGate {
+    pub copy_s: f64,
+    pub layer_s: f64,
+    /// Copies take the processor that computes (memcpy on the host
+    /// backend): every copy delays the model by its whole time.
+    pub copies_compete: bool,
+    /// Copies go in chunks of this many seconds, and an on-demand copy
+    /// waits for a running prefetch's chunk only; `None`: whole copies.
+    pub chunk_s: Option<f64>,
+}
+
+impl PrefetchGate {
+    /// The on-demand copy time that the `position`-th prefetch of a plan
+    /// (0: the first) can delay. The prefetches of a plan run back to back
+    /// from the start of the layer's compute; the next layer's on-demand
+    /// copies arrive `layer_s` later and wait for the one running then.
+    /// Copies that compete with the compute delay it by their whole time.
+    pub fn delay(&self, position: usize) -> f64 {
+        if self.copies_compete {
+            return self.copy_s;
+        }
+        let overlap = ((position + 1) as f64 * self.copy_s - self.layer_s).clamp(0.0, self.copy_s);
+        self.chunk_s.map_or(overlap, |chunk| overlap.min(chunk))
+    }
+
+    /// What a prefetch used with probability `p`, `position`-th in its
+    /// plan, is expected to cost before its victim: the delay it causes.
+    /// A copy that competes with the compute and turns out right takes the
+    /// time its on-demand copy would have taken, so only a wrong one
+    /// (probability 1 - p) costs its time.
+    pub fn cost(&self, p: f64, position: usize) -> f64 {
+        if self.copies_compete {
+            (1.0 - p) * self.copy_s
+        } else {
+            self.delay(position)
+        }
+    }
+
+    /// Whether a prefetch used with probability `p`, `position`-th in its
+    /// plan, evicting an expert with `victim_hits` expected hits, is
+    /// expected to save more than it costs.
+    pub fn admits(&self, p: f64, position: usize, victim_hits: f64) -> bool {
+        p * self.copy_s > self.cost(p, position) + victim_hits * self.copy_s
+    }
+}
+
+/// A prefetch a gated plan queued: its use probability and its place.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    expert: ExpertId,
+    probability: f32,
+    position: usize,
+}
+
+/// A gated plan's inputs (see [`CacheCore::plan_gated`]).
+pub struct Gated<'a> {
+    pub gate: PrefetchGate,
+    /// Per expert id, the probability that its next predicted use happens
+    /// (the expected hits an expert kept until then earns).
+    pub use_probability: &'a [f32],
+}
+
 pub struct CacheCore {
     layout: ExpertLayout,
     pool: SlotPool,
@@ -99,12 +172,27 @@ pub struct CacheCore {
     /// The slot's current copy has been seen landed (it stays so until the
     /// slot takes another expert): the device is asked once per copy.
     landed: Vec<bool>,
+    /// The gate of the last gated plan, the prefetches it queued and every
+    /// expert's use probability; `None`: plans weigh prefetches only by
+    /// the policy's retention.
+    gate: Option<PrefetchGate>,
+    planned: Vec<Planned>,
+    use_probability: Vec<f32>,
+    /// The slot holds a prefetched expert whose predicted use has not come
+    /// yet: no eviction takes it (see [`choose_slot`](Self::choose_slot)).
+    protected: Vec<bool>,
+    /// Per layer, the (slot, expert) pairs protected until that layer is
+    /// next fetched.
+    protected_in_layer: Vec<Vec<(SlotId, ExpertId)>>,
+    /// The layer of the last fetch.
+    last_layer: usize,
 }
 
 impl CacheCore {
     pub fn new(layout: ExpertLayout, pool: SlotPool, policy: Box<dyn CachePolicy>) -> Self {
         let n = pool.len();
         let stats = Stats::new(layout.num_layers());
+        let layers = layout.num_layers();
         Self {
             layout,
             pool,
@@ -115,6 +203,12 @@ impl CacheCore {
             prefetched: vec![false; n],
             events: Arc::new(Synchronous),
             landed: vec![false; n],
+            gate: None,
+            planned: Vec::new(),
+            use_probability: Vec::new(),
+            protected: vec![false; n],
+            protected_in_layer: vec![Vec::new(); layers],
+            last_layer: 0,
         }
     }
 
@@ -170,6 +264,7 @@ impl CacheCore {
                 min_bytes: (self.pool.len() - available + missing) * self.pool.slot_bytes(),
             });
         }
+        self.end_protection(ids);
         // Hits are pinned first, so that no miss of the same call takes the
         // slot of an expert named after it; the policy still hears of every
         // expert in the order given (the oracle counts its place that way).
@@ -336,6 +431,20 @@ impl CacheCore {
         slot
     }
 
+    /// The layers of `ids` are being fetched: the prefetches predicted for
+    /// them are used now or were wrong, and lose their protection.
+    fn end_protection(&mut self, ids: &[ExpertId]) {
+        for &id in ids {
+            let layer = self.layout.locate(id).0;
+            self.last_layer = layer as usize;
+            for (slot, expert) in std::mem::take(&mut self.protected_in_layer[layer as usize]) {
+                if self.pool.expert_in(slot) == Some(expert) {
+                    self.protected[slot as usize] = false;
+                }
+            }
+        }
+    }
+
     /// Whether the copy into a ready slot has landed on the device.
     fn has_landed(&mut self, slot: SlotId) -> bool {
         let landed = &mut self.landed[slot as usize];
@@ -346,11 +455,13 @@ impl CacheCore {
     }
 
     /// The slot a newcomer takes (see [`SlotPool::choose_slot`]): victims
-    /// whose last reader the device has not finished are passed over.
+    /// whose last reader the device has not finished, and prefetched
+    /// experts before the layer they were fetched for, are passed over (a
+    /// few at most: then the policy's first choice goes).
     fn choose_slot(&mut self) -> Option<SlotId> {
-        let events = &self.events;
+        let (events, protected) = (&self.events, &self.protected);
         self.pool.choose_slot(self.policy.as_mut(), &mut |slot| {
-            events.reader_state(slot).is_pending()
+            protected[slot as usize] || events.reader_state(slot).is_pending()
         })
     }
 
@@ -371,6 +482,7 @@ impl CacheCore {
     fn install(&mut self, slot: SlotId, id: ExpertId) {
         let assignment = self.pool.install(slot, id, self.policy.as_mut());
         self.landed[slot as usize] = false;
+        self.protected[slot as usize] = false;
         if let Some(old) = assignment.evicted {
             self.stats.evictions += 1;
             self.resident_bytes -= self.layout.bytes(old) as u64;
@@ -392,23 +504,103 @@ impl CacheCore {
         prefetch: &[(ExpertId, f32)],
         depth: usize,
     ) {
+        self.plan_gated(queue, scores, prefetch, depth, None);
+    }
+
+    /// As [`plan`](Self::plan), with the cost gate: a candidate is queued
+    /// only if its expected saving beats the on-demand time it can delay
+    /// at its place in the plan, and it takes a slot (when a copy engine
+    /// gets to it) only if that also beats the evicted expert's expected
+    /// hits (see [`PrefetchGate`]).
+    pub fn plan_gated(
+        &mut self,
+        queue: &PrefetchQueue,
+        scores: &[f32],
+        prefetch: &[(ExpertId, f32)],
+        depth: usize,
+        gated: Option<Gated>,
+    ) {
         self.policy.on_plan(scores);
         queue.remove_if(|r| matches!(r.urgency, Urgency::Prefetch(_)));
+        self.planned.clear();
+        self.gate = gated.as_ref().map(|g| g.gate);
+        if let Some(g) = &gated {
+            self.use_probability.clear();
+            self.use_probability.extend_from_slice(g.use_probability);
+        }
         if !self.policy.prefetches() {
             return;
         }
         let missing = prefetch
             .iter()
             .filter(|(e, _)| self.pool.lookup(*e).is_none());
-        for &(expert, score) in missing.take(depth) {
-            {
-                queue.push(CopyRequest {
+        let mut position = 0;
+        for &(expert, score) in missing {
+            if position == depth {
+                break;
+            }
+            if let Some(gate) = self.gate {
+                let probability = self.probability_of(expert);
+                // Before any victim is known, the delay alone must be beaten.
+                if !gate.admits(f64::from(probability), position, 0.0) {
+                    continue;
+                }
+                self.planned.push(Planned {
                     expert,
-                    slot: None,
-                    urgency: Urgency::Prefetch(score),
+                    probability,
+                    position,
                 });
             }
+            queue.push(CopyRequest {
+                expert,
+                slot: None,
+                urgency: Urgency::Prefetch(score),
+            });
+            position += 1;
         }
+    }
+
+    /// Whether `victim`'s layer comes (after the one last fetched) before
+    /// `expert`'s: only then does evicting it for `expert` lose its next
+    /// hit. Otherwise `expert` is needed first, and once used it competes
+    /// for its slot as any cached expert does (Belady's rule).
+    fn used_before(&self, victim: ExpertId, expert: ExpertId) -> bool {
+        let layers = self.layout.num_layers();
+        let ahead = |id: ExpertId| {
+            let layer = self.layout.locate(id).0 as usize;
+            // The current layer's own experts are next used a token later.
+            match (layer + layers - self.last_layer % layers) % layers {
+                0 => layers,
+                d => d,
+            }
+        };
+        ahead(victim) < ahead(expert)
+    }
+
+    /// The last gated plan's use probability of `expert` (0 if unknown).
+    fn probability_of(&self, expert: ExpertId) -> f32 {
+        self.use_probability
+            .get(expert as usize)
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// Whether the gate lets the planned prefetch of `expert` evict
+    /// `victim` (`None`: a free slot). Without a gated plan, or for a
+    /// prefetch it did not plan, only the policy's retention decides.
+    fn gate_admits(&self, expert: ExpertId, victim: Option<ExpertId>) -> bool {
+        let (Some(gate), Some(planned)) =
+            (self.gate, self.planned.iter().find(|p| p.expert == expert))
+        else {
+            return true;
+        };
+        let lost = victim.filter(|&v| self.used_before(v, expert));
+        let victim_hits = lost.map_or(0.0, |v| f64::from(self.probability_of(v)));
+        gate.admits(
+            f64::from(planned.probability),
+            planned.position,
+            victim_hits,
+        )
     }
 
     /// A worker took `request` from the queue: the copy to perform now, or
@@ -436,16 +628,29 @@ impl CacheCore {
             return None;
         }
         let slot = self.choose_slot()?;
-        if let Some(victim) = self.pool.expert_in(slot) {
+        let victim = self.pool.expert_in(slot);
+        if let Some(victim) = victim {
             if self.policy.retention(victim) >= self.policy.retention(expert) {
                 return None;
             }
         }
+        if !self.gate_admits(expert, victim) {
+            return None;
+        }
         self.install(slot, expert);
         self.pool.unpin(slot).expect("install pins once");
         self.prefetched[slot as usize] = true;
+        self.protect(slot, expert);
         self.stats.prefetch_copies += 1;
         Some(slot)
+    }
+
+    /// Keeps a prefetched expert from eviction until its layer is next
+    /// fetched: the step it was predicted for.
+    fn protect(&mut self, slot: SlotId, expert: ExpertId) {
+        let layer = self.layout.locate(expert).0;
+        self.protected[slot as usize] = true;
+        self.protected_in_layer[layer as usize].push((slot, expert));
     }
 
     /// A background copy of an expert just run on the CPU takes a slot as a
@@ -488,6 +693,7 @@ impl CacheCore {
         self.policy.on_evict(slot, expert);
         self.resident_bytes -= self.layout.bytes(expert) as u64;
         self.prefetched[slot as usize] = false;
+        self.protected[slot as usize] = false;
     }
 
     /// The slot of a fetched (pinned) expert, or a protocol error.
@@ -608,6 +814,113 @@ mod tests {
             "expert 1 is worth more than the prefetch"
         );
         assert_eq!(core.stats().prefetch_copies, 0);
+    }
+
+    /// A core over three layers of four experts (ids 4l..4l+3), `slots`
+    /// slots, under activation-aware.
+    fn three_layers(slots: usize) -> CacheCore {
+        let layout = ExpertLayout::new(&[(4, 10); 3]).unwrap();
+        let pool = SlotPool::new(0, 16, slots, 12).unwrap();
+        CacheCore::new(layout, pool, Box::new(ActivationAware::new(slots, 12)))
+    }
+
+    /// Fetches, lands and releases `ids` (one layer's experts).
+    fn use_layer(core: &mut CacheCore, queue: &PrefetchQueue, ids: &[ExpertId]) {
+        core.fetch(queue, ids).unwrap();
+        complete_all(core, queue);
+        for &id in ids {
+            core.release(id, false).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_gate_weighs_the_delay_and_the_victims_hits_against_the_saving() {
+        // 346 us copies, 300 us layers: the first prefetch of a plan can
+        // delay the next layer's on-demand copies by 46 us, the second by
+        // a whole copy (capped at 346 us).
+        let gate = PrefetchGate {
+            copy_s: 346e-6,
+            layer_s: 300e-6,
+            copies_compete: false,
+            chunk_s: None,
+        };
+        assert!((gate.delay(0) - 46e-6).abs() < 1e-12);
+        assert!((gate.delay(1) - 346e-6).abs() < 1e-12);
+        // p = 0.5 saves 173 us; a victim with 0.3 expected hits costs
+        // 46 + 103.8 = 149.8 us (admitted), one with 0.4, 184.4 us (not).
+        assert!(gate.admits(0.5, 0, 0.3));
+        assert!(!gate.admits(0.5, 0, 0.4));
+        // Second in its plan: 0.9 x 346 = 311.4 us < 346 us.
+        assert!(!gate.admits(0.9, 1, 0.0));
+        let compete = PrefetchGate {
+            copies_compete: true,
+            ..gate
+        };
+        // Competing copies: a wrong one costs its whole time, a right one
+        // takes its on-demand copy's.
+        assert!(compete.admits(0.6, 3, 0.0));
+        assert!(!compete.admits(0.4, 0, 0.0));
+        // In 2 MB chunks (40 us), the second waits for a chunk at most.
+        let chunked = PrefetchGate {
+            chunk_s: Some(40e-6),
+            ..gate
+        };
+        assert!((chunked.delay(1) - 40e-6).abs() < 1e-12);
+        assert!(chunked.admits(0.9, 1, 0.0));
+
+        // In the core: slots hold experts 4 (layer 1) and 0 (layer 0), the
+        // last fetch was layer 0's. Expert 9 (layer 2) is prefetched with
+        // p = 0.5; the victim is 4, whose layer comes first.
+        let queue = PrefetchQueue::new();
+        let refused_with = |victim_probability: f32| {
+            let mut core = three_layers(2);
+            use_layer(&mut core, &queue, &[4]);
+            use_layer(&mut core, &queue, &[0]);
+            let mut scores = vec![0.0; 12];
+            let mut probability = vec![0.0; 12];
+            (scores[0], scores[4], scores[9]) = (0.9, 0.1, 0.5);
+            (probability[4], probability[9]) = (victim_probability, 0.5);
+            let gated = Gated {
+                gate,
+                use_probability: &probability,
+            };
+            core.plan_gated(&queue, &scores, &[(9, 0.5)], 8, Some(gated));
+            assert_eq!(queue.len(), 1, "46 us of delay alone is beaten");
+            complete_all(&mut core, &queue);
+            core.pool().lookup(9).is_none()
+        };
+        assert!(refused_with(0.4), "184.4 us of cost against 173 us saved");
+        assert!(!refused_with(0.3), "149.8 us of cost against 173 us saved");
+    }
+
+    #[test]
+    fn a_prefetched_expert_is_kept_until_the_layer_it_was_fetched_for() {
+        let queue = PrefetchQueue::new();
+        let mut core = three_layers(2);
+        use_layer(&mut core, &queue, &[0]);
+        // During layer 0: expert 9 (layer 2) is prefetched into the free slot.
+        let mut scores = vec![0.0; 12];
+        scores[9] = 0.5;
+        core.plan(&queue, &scores, &[(9, 0.5)], 8);
+        complete_all(&mut core, &queue);
+        let nine = core.pool().lookup(9).unwrap();
+        // Layer 1's plan has changed its mind: 9 scores below expert 0, so
+        // the policy's victim for layer 1's miss would be 9. Protected, it
+        // stays; expert 0 goes.
+        scores[9] = 0.0;
+        scores[0] = 0.9;
+        core.plan(&queue, &scores, &[], 8);
+        use_layer(&mut core, &queue, &[5]);
+        assert_eq!(core.pool().lookup(9), Some(nine));
+        assert_eq!(core.pool().lookup(0), None);
+        // Layer 2 uses it: a prefetch hit. Then it is an ordinary expert.
+        use_layer(&mut core, &queue, &[9, 8]);
+        assert_eq!(core.stats().prefetch_hits, 1);
+        scores[9] = 0.0;
+        scores[8] = 0.9;
+        core.plan(&queue, &scores, &[], 8);
+        use_layer(&mut core, &queue, &[1]);
+        assert_eq!(core.pool().lookup(9), None, "no longer protected");
     }
 
     #[test]

@@ -37,13 +37,15 @@ fn routings(raw: &[RawRouting]) -> Vec<Routing<'_>> {
 /// clock; planner settings come as keyword arguments (see `planner.rs`).
 /// `cpu_expert_s` (one expert's CPU time for one token) adds the CPU as a
 /// second executor, with misses placed by `cpu_experts` ("auto", "always"
-/// or "never"); see `replay.rs`. `progress(done)` is called after each
+/// or "never"); see `replay.rs`. `copy_chunk_bytes` models copies in chunks
+/// that an on-demand copy can get between (the live cache copies whole
+/// experts). `progress(done)` is called after each
 /// measured request; an exception it raises (KeyboardInterrupt included)
 /// stops the replay and is raised here.
 #[pyfunction]
 #[pyo3(signature = (policy, requests, warmup, *, layers, experts, top_k, slots, expert_bytes,
     bandwidth_bytes_per_s, layer_compute_s, cpu_expert_s=None, cpu_experts="auto", progress=None,
-    **planner))]
+    copy_chunk_bytes=None, **planner))]
 #[allow(clippy::too_many_arguments)]
 pub fn replay<'py>(
     py: Python<'py>,
@@ -60,6 +62,7 @@ pub fn replay<'py>(
     cpu_expert_s: Option<f64>,
     cpu_experts: &str,
     progress: Option<Py<PyAny>>,
+    copy_chunk_bytes: Option<u64>,
     planner: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = ReplayConfig {
@@ -73,6 +76,7 @@ pub fn replay<'py>(
         planner: super::planner::planner_config(planner)?,
         cpu_expert_s,
         cpu_experts: CpuExperts::parse(cpu_experts).map_err(to_py)?,
+        copy_chunk_bytes,
     };
     let mut raised = None;
     let on_request = |done: usize| {
@@ -110,6 +114,10 @@ pub fn replay<'py>(
     d.set_item("resident_s", report.resident_s)?;
     d.set_item("cpu_experts", report.cpu_experts)?;
     d.set_item("cpu_s", report.cpu_s)?;
+    // Per look-ahead distance d = 1, 2, ...: the planner's top-k experts at
+    // layer l + d that the token used there, and how many it predicted.
+    d.set_item("predicted_used", report.predictor.used.to_vec())?;
+    d.set_item("predicted", report.predictor.predicted.to_vec())?;
     Ok(d)
 }
 
