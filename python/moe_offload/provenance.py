@@ -49,7 +49,7 @@ def shown_path(path: str | Path) -> str:
     """A path as results show it: relative to the working directory when
     inside it, else by its last two components (where a machine keeps its
     traces says nothing about the run)."""
-    path = Path(path).absolute()
+    path = Path(os.path.normpath(Path(path).absolute()))  # "../x" is outside, not inside
     try:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
