@@ -2,7 +2,7 @@
 # The first run on a CUDA GPU: the GPU tests (Rust and Python), the copy
 # microbenchmark against a plain pinned copy, and the end-to-end benchmark on
 # the DeepSeek-V2-Lite shape (8 of its MoE layers, bf16, real routing when the
-# traces are at hand). Prints each step; stops at the first failure with a line
+# traces are at hand), then again with int8 and int4 experts. Prints each step; stops at the first failure with a line
 # naming it. Results go under OUT (default benches/results) as gpu-*.
 #
 # Needs Python with torch (CUDA) and transformers, and dist/gpu-bundle/ from
@@ -61,6 +61,11 @@ step "end-to-end benchmark, DeepSeek-V2-Lite shape (8 MoE layers, bf16)"
 "$VENV/bin/moe-offload" bench --model deepseek-v2-lite --device cuda --dtype bfloat16 --layers 8 \
     --requests 2 --warmup-requests 2 --new-tokens 16 --sweep 0.25 1.0 "${TRACE_ARGS[@]}" \
     --out "$OUT/gpu-e2e-deepseek-v2-lite"
+
+step "end-to-end benchmark, quantized experts (int8, int4) at a quarter of the bf16 expert bytes"
+"$VENV/bin/moe-offload" bench --model deepseek-v2-lite --device cuda --dtype bfloat16 --layers 8 \
+    --requests 2 --warmup-requests 2 --new-tokens 16 --sweep 0.25 --quantize int8 int4 \
+    --skip-accelerate "${TRACE_ARGS[@]}" --out "$OUT/gpu-e2e-quantized-deepseek-v2-lite"
 
 CURRENT="done"
 echo
