@@ -277,12 +277,17 @@ SHIPPED = {"fp8": _fp8_checkpoint, "mxfp4": _mxfp4_checkpoint}
 
 def _transformers_tokens(path, ids: torch.Tensor) -> torch.Tensor:
     """What transformers generates from the checkpoint on this CPU (which
-    dequantizes fp8 and mxfp4 experts as it loads them)."""
+    dequantizes fp8 and mxfp4 experts as it loads them), checked to be what
+    that model generates patched too."""
     import transformers as tf
 
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=6, do_sample=False)
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        moe_offload.patch(model, device="cpu")
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), tokens)
+    moe_offload.unpatch(model)
+    return tokens
 
 
 @pytest.mark.parametrize("kind", list(SHIPPED))
