@@ -196,6 +196,11 @@ def test_the_replay_command_prints_the_report(tmp_path):
             "ms_per_token",
             "slowdown_vs_resident",
             "cpu_experts_per_token",
+            "prefetch_copies_per_token",
+            "prefetch_in_time_per_token",
+            "prefetch_late_per_token",
+            "prefetch_wasted_per_token",
+            "predictor_precision",
             "expert_bytes",
             "slots",
             "quantization",
@@ -316,7 +321,7 @@ def test_every_replay_option_says_what_it_does_and_its_default():
     commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     replay = commands.choices["replay"]
     options = [a for a in replay._actions if a.option_strings and a.dest not in ("help", "verbose")]
-    assert len(options) == 15
+    assert len(options) == 16
     for action in options:
         assert action.help and "(default: " in action.help, action.option_strings
     text = replay.format_help()
@@ -443,3 +448,118 @@ def test_int4_holds_three_times_the_experts_and_cuts_the_time_on_real_routing():
     assert q["slots"] >= 3 * b["slots"] == 3 * 416
     assert q["hit_rate"] > b["hit_rate"] and q["ms_per_token"] < b["ms_per_token"]
     assert q["bytes_per_token"] < b["bytes_per_token"]
+
+
+def routed_paths(rng, requests, tokens, layers=6, experts=16, top_k=2, paths=4):
+    """Requests whose tokens each follow one of `paths` fixed routes through
+    the layers: a token's experts at one layer give away those at every
+    later layer, so a co-activation predictor can be exact."""
+    out = []
+    for i in range(requests):
+        path = rng.integers(0, paths, size=tokens)
+        ids = np.empty((tokens, layers, top_k), dtype=np.uint32)
+        for layer in range(layers):
+            for k in range(top_k):
+                ids[:, layer, k] = (path * top_k + k + layer * 3) % experts
+        out.append(Request(f"r{i}", ids))
+    return out
+
+
+# Copies (52 us) faster than a layer computes (30 us x 2): prefetches can land in time.
+PATHS_PARAMS = dict(capacity=0.25, expert_bytes=1 << 20, bandwidth_gbps=20.0, layer_compute_us=30.0, warmup=3)
+
+
+def test_the_lab_reports_prefetches_per_token_and_the_predictors_precision_per_distance():
+    trace = Trace(6, 16, 2, "paths", routed_paths(np.random.default_rng(0), 8, 40))
+    report = lab.run(trace, ["lru", "activation-aware"], lab.LabParams(**PATHS_PARAMS))
+    lru, ours = report["policies"]["lru"], report["policies"]["activation-aware"]
+    for key in ("copies", "in_time", "late", "wasted"):
+        assert lru[f"prefetch_{key}_per_token"] is None, "LRU makes no prefetch"
+    assert lru["predictor_precision"] == [None] * 4, "LRU predicts nothing"
+    # Every route is learned from the warm-up: the tables name the right experts 1..4 layers ahead.
+    assert ours["predictor_precision"] == [1.0] * 4
+    copies = ours["prefetch_copies_per_token"]
+    assert copies > 0 and ours["prefetch_in_time_per_token"] > 0
+    used = ours["prefetch_in_time_per_token"] + ours["prefetch_late_per_token"]
+    assert used + ours["prefetch_wasted_per_token"] <= copies + 1e-9
+    assert used / copies == pytest.approx(ours["prefetch_precision"])
+
+    # The same figures from the core's own counters.
+    raw = _core.replay(
+        "activation-aware",
+        [(r.tokens, r.routing.ctypes.data, r.routing.size) for r in trace.requests[:-3]],
+        [(r.tokens, r.routing.ctypes.data, r.routing.size) for r in trace.requests[-3:]],
+        layers=6,
+        experts=16,
+        top_k=2,
+        slots=report["params"]["slots"],
+        expert_bytes=1 << 20,
+        bandwidth_bytes_per_s=20e9,
+        layer_compute_s=30e-6,
+    )
+    tokens = raw["tokens"]
+    assert copies == pytest.approx(raw["prefetch_copies"] / tokens)
+    assert ours["prefetch_late_per_token"] == pytest.approx(raw["prefetch_late"] / tokens)
+    assert ours["prefetch_wasted_per_token"] == pytest.approx(raw["prefetch_wasted"] / tokens)
+    assert len(raw["predicted"]) == len(raw["predicted_used"]) == 4
+
+    # The table shows them in a second table, only for the policy that prefetched.
+    text = lab.table(report)
+    assert "| policy | prefetches/token | in time | late | wasted | precision l+1 |" in text
+    assert text.count("| activation-aware |") == 2 and text.count("| lru |") == 1
+    assert "| activation-aware | " + f"{copies:.2f} |" in text
+
+
+def test_the_predictors_precision_falls_on_routing_it_cannot_learn():
+    rng = np.random.default_rng(3)
+    requests = [Request(f"r{i}", routing(rng, 40, 6, 16, 2)) for i in range(8)]
+    report = lab.run(Trace(6, 16, 2, "random", requests), ["activation-aware"], lab.LabParams(**PATHS_PARAMS))
+    precision = report["policies"]["activation-aware"]["predictor_precision"]
+    # Independent uniform routing: about top_k / experts = 0.125 of any guess is right.
+    assert all(p is not None and p < 0.3 for p in precision), precision
+
+
+def test_chunked_copies_reach_the_core_and_a_whole_expert_chunk_changes_nothing():
+    trace = Trace(6, 16, 2, "paths", routed_paths(np.random.default_rng(0), 8, 40))
+
+    def aware(chunk):
+        params = lab.LabParams(**PATHS_PARAMS, copy_chunk_bytes=chunk)
+        report = lab.run(trace, ["activation-aware"], params)
+        assert report["params"]["copy_chunk_bytes"] == chunk
+        return report["policies"]["activation-aware"]
+
+    whole = aware(None)
+    assert aware(1 << 20) == whole, "one chunk per expert is a whole copy"
+    assert aware(1 << 16) != whole, "on-demand copies get between 64 KiB chunks"
+
+
+def test_replay_takes_copy_chunk_bytes_and_refuses_a_chunk_of_nothing(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    write_trace(path, Trace(6, 16, 2, "paths", routed_paths(np.random.default_rng(0), 8, 40)))
+    base = ["replay", str(path), "--expert-bytes", str(1 << 20), "--bandwidth-gbps", "20"]
+    base += ["--layer-compute-us", "30", "--warmup", "3", "--capacity", "0.25"]
+    base += ["--policy", "activation-aware"]
+    assert cli.main([*base, "--copy-chunk-bytes", "65536", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["params"]["copy_chunk_bytes"] == 65536
+    params = lab.LabParams(**PATHS_PARAMS, copy_chunk_bytes=65536)
+    direct = lab.run(read_trace(path), ["activation-aware"], params)["policies"]["activation-aware"]
+    assert report["policies"]["activation-aware"] == direct
+    assert cli.main([*base, "--copy-chunk-bytes", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("moe-offload: --copy-chunk-bytes 0 must be a byte count"), err
+    assert err.count("\n") == 1, err
+
+
+V15 = Path(__file__).resolve().parents[1] / "benches" / "results" / "lab"
+
+
+@needs_traces
+def test_the_prefetch_figures_at_25_percent_match_the_published_run():
+    """The committed 25% run (150 prompts measured, the other 849 as warm-up):
+    the replay at this tree gives its activation-aware figures within 0.005."""
+    published = json.loads((V15 / "deepseek-v2-lite-cap0.25-v15.json").read_text())
+    report = lab.run(deepseek_trace(None), ["activation-aware"], lab.LabParams(capacity=0.25, warmup=849))
+    ours, theirs = report["policies"]["activation-aware"], published["policies"]["activation-aware"]
+    for key in ("hit_rate", "prefetch_precision", "prefetch_recall"):
+        assert ours[key] == pytest.approx(theirs[key], abs=0.005), key

@@ -142,8 +142,9 @@ def replay(
     cpu_expert_s: float | None = None,
     cpu_experts: str = "auto",
     progress: Callable[[int], object] | None = None,
+    copy_chunk_bytes: int | None = None,
     **planner: object,
-) -> dict[str, int | float]: ...
+) -> dict[str, int | float | list[int]]: ...
 
 class ExpertStore:
     @staticmethod

@@ -218,6 +218,13 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
         "placement) (default: auto)",
     )
     replay.add_argument(
+        "--copy-chunk-bytes",
+        type=int,
+        metavar="N",
+        help="copy experts in chunks of N bytes: an on-demand copy waits for the chunk in flight, not "
+        "for a whole prefetch copy (default: none, whole copies, as the live cache copies)",
+    )
+    replay.add_argument(
         "--limit", type=int, metavar="N", help="read only the first N requests (default: all of them)"
     )
     replay.add_argument(
@@ -330,6 +337,7 @@ def _replay(args: argparse.Namespace) -> int:
         cpu_experts=args.cpu_experts or "auto",
         quantize=args.quantize,
         group_size=args.group_size,
+        copy_chunk_bytes=args.copy_chunk_bytes,
     )
     measured = max(len(trace.requests) - args.warmup, 0)
     with _replay_progress(args.policy, measured) as progress:
@@ -415,6 +423,12 @@ def _check_replay_numbers(args: argparse.Namespace) -> None:
             args.cpu_expert_us,
             args.cpu_expert_us is None or 0 < args.cpu_expert_us <= 1e9,
             "a number of microseconds in (0, 1e9]",
+        ),
+        (
+            "--copy-chunk-bytes",
+            args.copy_chunk_bytes,
+            args.copy_chunk_bytes is None or 1 <= args.copy_chunk_bytes <= MAX_EXPERT_BYTES,
+            f"a byte count in 1..{MAX_EXPERT_BYTES} (64 GiB), e.g. 1048576",
         ),
         ("--limit", args.limit, args.limit is None or args.limit >= 1, "a number of requests, at least 1"),
         ("--warmup", args.warmup, args.warmup >= 0, "a number of requests, at least 0"),

@@ -23,6 +23,10 @@ cache holds as many more experts as the format is smaller. A layer still
 computes for `layer_compute_us` (dequantizing is not charged), and a CPU-run
 expert takes `cpu_expert_us` scaled by its bytes (a CPU kernel reading the
 quantized bytes as fast as bf16 ones).
+
+With `copy_chunk_bytes` a copy moves in chunks of that many bytes, and an
+on-demand copy queued meanwhile starts at the next chunk's boundary instead
+of waiting for a whole prefetch copy (the live cache copies whole experts).
 """
 
 from __future__ import annotations
@@ -100,6 +104,9 @@ class LabParams:
     # "int8", "int4" or "fp8": experts simulated quantized; None: bf16 (or `expert_bytes`).
     quantize: str | None = None
     group_size: int | None = None
+    # Copies split into chunks of this many bytes, between which an on-demand
+    # copy may start ahead of a prefetch; None: whole copies, as the live cache.
+    copy_chunk_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,7 @@ def run(
         layer_compute_s=params.layer_compute_us * 1e-6,
         cpu_expert_s=None if cpu_us is None else cpu_us * 1e-6,
         cpu_experts=params.cpu_experts,
+        copy_chunk_bytes=params.copy_chunk_bytes,
         **planner,
     )
     results = {}
@@ -255,7 +263,7 @@ def next_token_reuse(requests: list[Request]) -> float:
     return reused / total if total else 0.0
 
 
-def summarize(r: dict[str, Any], cpu: bool = False) -> dict[str, float | None]:
+def summarize(r: dict[str, Any], cpu: bool = False) -> dict[str, Any]:
     """The lab's figures from one replay's counters; None (JSON null, "–" in
     the table) where a figure does not apply.
 
@@ -266,11 +274,22 @@ def summarize(r: dict[str, Any], cpu: bool = False) -> dict[str, float | None]:
     per prefetch copy. Prefetch recall: of the fetches that the cache did not
     serve by keeping an expert it already had (prefetch hits + misses), the
     share that a prefetch served in time. Both are None for a replay without
-    prefetch copies (every policy but activation-aware)."""
+    prefetch copies (every policy but activation-aware).
+
+    Per token, for a policy that prefetches: prefetch copies, and of the
+    prefetched experts those needed after they arrived (in time), needed
+    while still queued or in flight (late), and evicted unused (wasted).
+    Predictor precision, per look-ahead distance d = 1, 2, ...: of the
+    planner's top-k experts for layer l + d, planned at layer l, the share
+    the token used there (None where the policy does not predict)."""
     prefetched = r["prefetch_copies"] > 0
     used = r["prefetch_hits"] + r["prefetch_late"]
     not_retained = r["prefetch_hits"] + r["misses"]
     tokens = r["tokens"]
+
+    def per_token(count: int) -> float | None:
+        return _ratio(count, tokens) if prefetched else None
+
     return {
         "hit_rate": _ratio(r["hits"], r["accesses"]),
         "prefetch_precision": _ratio(used, r["prefetch_copies"]) if prefetched else None,
@@ -280,6 +299,13 @@ def summarize(r: dict[str, Any], cpu: bool = False) -> dict[str, float | None]:
         "ms_per_token": _ratio(r["total_s"] * 1e3, tokens),
         "slowdown_vs_resident": _ratio(r["total_s"], r["resident_s"]),
         "cpu_experts_per_token": _ratio(r["cpu_experts"], tokens) if cpu else None,
+        "prefetch_copies_per_token": per_token(r["prefetch_copies"]),
+        "prefetch_in_time_per_token": per_token(r["prefetch_hits"]),
+        "prefetch_late_per_token": per_token(r["prefetch_late"]),
+        "prefetch_wasted_per_token": per_token(r["prefetch_wasted"]),
+        "predictor_precision": [
+            _ratio(hit, made) for hit, made in zip(r["predicted_used"], r["predicted"], strict=True)
+        ],
     }
 
 
@@ -299,22 +325,58 @@ COLUMNS = (
 CPU_COLUMN = ("cpu_experts_per_token", "CPU experts/token", "{:.2f}")
 
 
+PREFETCH_COLUMNS = (
+    ("prefetch_copies_per_token", "prefetches/token", "{:.2f}"),
+    ("prefetch_in_time_per_token", "in time", "{:.2f}"),
+    ("prefetch_late_per_token", "late", "{:.2f}"),
+    ("prefetch_wasted_per_token", "wasted", "{:.2f}"),
+)
+
+
 def table(report: dict[str, Any]) -> str:
-    """The report as a Markdown table, one row per policy (with a column of
-    CPU experts per token when the replay had the CPU)."""
-    cpu = any(f["cpu_experts_per_token"] is not None for f in report["policies"].values())
+    """The report as Markdown: a table with one row per policy (with a
+    column of CPU experts per token when the replay had the CPU), then, when
+    a policy prefetched or predicted, a second one with its prefetches per
+    token and its predictor's precision per look-ahead distance."""
+    policies = report["policies"]
+    cpu = any(f["cpu_experts_per_token"] is not None for f in policies.values())
     columns = (*COLUMNS, CPU_COLUMN) if cpu else COLUMNS
+    lines = _rows(policies, columns, lambda key, value: value / 1e6 if key == "bytes_per_token" else value)
+    predicting = {
+        name: f
+        for name, f in policies.items()
+        if f["prefetch_copies_per_token"] is not None or any(p is not None for p in f["predictor_precision"])
+    }
+    if not predicting:
+        return "\n".join(lines)
+    distances = max(len(f["predictor_precision"]) for f in predicting.values())
+    precision = tuple((d, f"precision l+{d + 1}", "{:.3f}") for d in range(distances))
+    second = _rows(predicting, (*PREFETCH_COLUMNS, *precision), lambda _, value: value)
+    return "\n".join([*lines, "", *second])
+
+
+def _rows(
+    policies: dict[str, dict[str, Any]],
+    columns: tuple[tuple[Any, str, str], ...],
+    scale: Callable[[Any, float], float],
+) -> list[str]:
+    """A Markdown table of `columns` (key, title, format), one row per
+    policy; an int key indexes the predictor's precision per distance."""
     lines = [
         "| policy | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
     ]
-    for name, figures in report["policies"].items():
+    for name, figures in policies.items():
         cells = []
         for key, _, fmt in columns:
-            value = figures[key]
-            if value is None:
-                cells.append("–")
-                continue
-            cells.append(fmt.format(value / 1e6 if key == "bytes_per_token" else value))
+            value = _cell(figures, key)
+            cells.append("–" if value is None else fmt.format(scale(key, value)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
+
+
+def _cell(figures: dict[str, Any], key: str | int) -> float | None:
+    if isinstance(key, int):
+        precision = figures["predictor_precision"]
+        return precision[key] if key < len(precision) else None
+    return figures[key]
