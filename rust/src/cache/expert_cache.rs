@@ -990,8 +990,10 @@ fn unless_panicked<T>(work: impl FnOnce() -> Result<T>) -> Result<T> {
 /// Plans from the planner thread reach the cache: the policy learns the
 /// retention scores, and the queue's stale prefetches make way for new ones.
 fn apply_plans(shared: Arc<Shared>, depth: usize) -> ApplyPlan {
-    Box::new(move |scores, prefetch| {
-        shared.lock().plan(&shared.queue, scores, prefetch, depth);
+    Box::new(move |scores, prefetch, gated| {
+        shared
+            .lock()
+            .plan_gated(&shared.queue, scores, prefetch, depth, gated);
     })
 }
 

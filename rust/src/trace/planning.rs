@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use super::live::{check_batch, check_layout, check_rows, unknown_key, LiveTracer, RequestKey};
+use crate::cache::core::Gated;
 use crate::error::{CoreError, Result};
 use crate::layout::ExpertId;
 use crate::planner::Timing;
@@ -33,7 +34,7 @@ enum Event {
 }
 
 /// Receives each plan: retention scores and prefetch candidates, best first.
-pub type ApplyPlan = Box<dyn FnMut(&[f32], &[(ExpertId, f32)]) + Send>;
+pub type ApplyPlan = Box<dyn FnMut(&[f32], &[(ExpertId, f32)], Option<Gated<'_>>) + Send>;
 
 pub struct PlanningThread {
     sender: Option<Sender<Event>>,
@@ -242,8 +243,14 @@ fn serve(
             }
         }
         if let (Some(layer), Some(apply)) = (newest, apply.as_mut()) {
-            let (scores, prefetch) = tracer.plan(layer);
-            apply(scores, &prefetch);
+            let prefetch = tracer.plan(layer).1;
+            let planner = tracer.planner();
+            // With measured timing the core weighs each prefetch as the lab does.
+            let gated = planner.timing().map(|t| Gated {
+                gate: t.gate(),
+                use_probability: planner.use_probability(),
+            });
+            apply(planner.scores(), &prefetch, gated);
         }
         drop(tracer);
         for reply in flushes {
@@ -264,7 +271,7 @@ mod tests {
         let counted = Arc::clone(&plans);
         let thread = PlanningThread::spawn(
             LiveTracer::new(planner),
-            Some(Box::new(move |scores, _| {
+            Some(Box::new(move |scores, _, _| {
                 assert_eq!(scores.len(), 8);
                 *lock(&counted) += 1;
             })),
