@@ -181,6 +181,8 @@ class ExpertCodec:
                 self.kept[name] = (tuple(shape), dtype)
         if not self.matrices:
             raise MoeOffloadError("these experts have no weight matrix to quantize")
+        # What `decode`'s scratch buffers must be; looked up once per expert run.
+        self.key = tuple((m.name, m.out_in, m.dtype) for m in self.matrices.values())
 
     def _check_fits(self, matrix: QuantizedMatrix) -> None:
         rows, cols = matrix.out_in
@@ -269,11 +271,6 @@ class ExpertCodec:
         if self.scheme.kind == "mxfp4":
             return dequantize_mxfp4(blob[m.name + "_blocks"], blob[m.name + "_scales"], m.dtype, out)
         return dequantize(blob[m.name + "_packed"], blob[m.name + "_scale"], self.scheme, m.out_in, out)
-
-    @property
-    def key(self) -> tuple[tuple[str, tuple[int, int], torch.dtype], ...]:
-        """What `decode`'s scratch buffers must be."""
-        return tuple((m.name, m.out_in, m.dtype) for m in self.matrices.values())
 
 
 class Scratch:
