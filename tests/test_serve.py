@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -76,8 +76,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _serving(root: Path, family: str) -> Iterator[Served]:
-    """`moe-offload serve` on a tiny random `family` model, as a real process."""
+def _serving(root: Path, family: str, options: Sequence[str] = ()) -> Iterator[Served]:
+    """`moe-offload serve` on a tiny random `family` model, as a real
+    process, with the command-line `options` added."""
     checkpoint = root / f"tiny-{family}"
     model = tiny_models.build(family)
     model.config.max_position_embeddings = CONTEXT
@@ -89,7 +90,7 @@ def _serving(root: Path, family: str) -> Iterator[Served]:
     command += ["--port", str(port), "--served-model-name", MODEL, "--eamc-path", str(eamc)]
     command += ["--max-queue", str(MAX_QUEUE), "--kv-cache-tokens", str(KV_CACHE_TOKENS)]
     # Generous: on a loaded 2-core machine a token of even this model can take 0.1 s.
-    command += ["--shutdown-grace", str(SHUTDOWN_GRACE_S)]
+    command += ["--shutdown-grace", str(SHUTDOWN_GRACE_S), *options]
     # The key through the environment, as a deployment would pass it.
     env = dict(os.environ, MOE_OFFLOAD_API_KEY=API_KEY)
     with open(log, "wb") as out:
@@ -221,8 +222,9 @@ def test_concurrent_requests_get_what_the_model_gives_each_alone(served: Served)
 
 def test_deepseek_latent_attention_is_served_batched_as_alone(tmp_path: Path) -> None:
     """DeepSeek-V2 caches latents, not keys and values, in the batching
-    engine's paged cache: concurrent requests still get their own tokens."""
-    with _serving(tmp_path, "deepseek_v2") as served:
+    engine's paged cache: concurrent requests still get their own tokens
+    (with router lookahead on, which runs beside the packed passes)."""
+    with _serving(tmp_path, "deepseek_v2", ["--lookahead", "1"]) as served:
         jobs = [job for job in _jobs(served.tokenizer) if not job["chat"]][:6]
         with ThreadPoolExecutor(len(jobs)) as pool:
             results = list(pool.map(lambda job: _complete(served, job), jobs))

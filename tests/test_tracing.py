@@ -4,6 +4,10 @@ from a patched model, and prefetching that leaves the tokens unchanged."""
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from tiny_models import build, expert_bytes, prompt
@@ -45,6 +49,17 @@ def test_each_sequence_of_a_batch_gets_its_own_activation_matrix(tmp_path):
     assert eamc.entry(1) == [1, 2, 1, 2] + [2, 1, 1, 0]
 
 
+def saved_affinity_tables(path: Path) -> tuple[int, np.ndarray]:
+    """The planner's affinity tables in an EAMC file: their count and values
+    (the file layout of version 2: after the header and the entries)."""
+    data = path.read_bytes()
+    version, layers, experts, _, entries, _, tables = struct.unpack_from("<7I", data, 8)
+    assert version == 2
+    start = 8 + 7 * 4 + entries * (layers * experts * 4 + 12)
+    count = tables * layers * experts * experts
+    return tables, np.frombuffer(data, dtype="<f4", count=count, offset=start)
+
+
 def test_generation_fills_the_eamc_and_a_restart_starts_warm(tmp_path):
     model = build("mixtral")
     inputs = prompt("mixtral")
@@ -58,9 +73,14 @@ def test_generation_fills_the_eamc_and_a_restart_starts_warm(tmp_path):
     moe_offload.unpatch(model)  # ends the live request and saves the EAMC
     assert path.exists()
     assert len(_core.ActivationCollection.load(path)) == 2
+    tables, learned = saved_affinity_tables(path)
+    assert tables > 0 and learned.sum() > 0, "the planner's tables are saved with the EAMC"
 
     offloader = moe_offload.patch(model, device="cpu", device_budget=budget, eamc_path=path)
     assert offloader.eamc_size == 2
+    # Saved again before any traffic: the same file, so the restarted
+    # planner holds the saved tables (a cold one would save zeros).
+    assert offloader.save_eamc(tmp_path / "again.eamc").read_bytes() == path.read_bytes()
     with torch.no_grad():
         again = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     moe_offload.unpatch(model)

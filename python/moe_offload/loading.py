@@ -83,6 +83,7 @@ def from_pretrained(
     cpu_threads: int | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
+    lookahead: int = 0,
     show_progress: bool | None = None,
 ) -> tuple[PreTrainedModel, Offloader]:
     """Loads the model at `path` (a Hugging Face safetensors checkpoint or an
@@ -108,6 +109,7 @@ def from_pretrained(
       see `convert`), which needs a `store_dir` for a checkpoint. A store
       converted with quantization is loaded as it is whatever these say;
       one converted otherwise than they ask is a `StoreError`.
+    - `lookahead`: router lookahead, as for `patch`.
 
     Returns the model and its `Offloader`. Raises `StoreError` for a missing,
     truncated or mismatched file (naming it), `BudgetError` when
@@ -122,6 +124,7 @@ def from_pretrained(
         io_workers=io_workers,
         cpu_experts=cpu_experts,
         cpu_threads=cpu_threads,
+        lookahead=lookahead,
         show_progress=show_progress,
     )
     target = _target_device(device)
@@ -170,6 +173,7 @@ def from_pretrained(
         show_progress=show_progress,
         scheme=scheme,
         backing=StoreBacking(store, host_slots, budget),
+        lookahead=lookahead,
     )
     preload = host_slots >= sum(b.num_experts for b in blocks)
     try:

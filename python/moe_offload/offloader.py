@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_offload import lookahead as router_lookahead
 from moe_offload._core import (
     MAX_EAMC_CAPACITY,
     BudgetError,
@@ -95,9 +96,11 @@ class Offloader:
         host: HostMemory,
         backing: StoreBacking | None = None,
         quantization: Quantization | None = None,
+        lookahead: int = 0,
     ) -> None:
         self.model = model
         self.quantization = quantization
+        self.lookahead = lookahead
         self.cpu_experts = cache.cpu_experts
         self._host: HostMemory | None = host
         self.blocks = blocks
@@ -143,7 +146,10 @@ class Offloader:
         self._cache = self._pool = self._tracker = self._host = None
 
     def stats(self) -> dict[str, Any]:
-        """Cache statistics since patching or the last `reset_stats()`."""
+        """Cache statistics since patching or the last `reset_stats()`.
+        "lookahead" is None without router lookahead; with it, how its
+        predictions compared with the routing, per distance and target
+        layer (see `moe_offload.lookahead.summarize` for the keys)."""
         stats: dict[str, Any] = dict(self.cache.stats())
         fetches = stats["hits"] + stats["misses"]
         stats["hit_rate"] = stats["hits"] / fetches if fetches else 0.0
@@ -155,6 +161,11 @@ class Offloader:
         stats["expert_bytes"] = max(b.expert_bytes for b in self.blocks)
         stats["quantization"] = None if self.quantization is None else self.quantization.name
         stats["backend"] = self.cache.backend
+        stats["lookahead"] = (
+            router_lookahead.summarize(self.cache.lookahead_counts(), self.lookahead, len(self.blocks))
+            if self.lookahead
+            else None
+        )
         host = self.cache.host_stats()
         if host is not None and self.backing is not None:
             stats.update(host)
@@ -164,10 +175,13 @@ class Offloader:
 
     def reset_stats(self) -> None:
         self.cache.reset_stats()
+        if self.lookahead:
+            self.cache.reset_lookahead_counts()
 
     def save_eamc(self, path: str | Path | None = None) -> Path:
-        """Writes the EAMC (the activation matrices of finished requests)
-        atomically to `path`, by default the `eamc_path` given to `patch`."""
+        """Writes the EAMC (the activation matrices of finished requests, and
+        the planner's layer-to-layer co-activation tables) atomically to
+        `path`, by default the `eamc_path` given to `patch`."""
         # Passed on as given: Path("") would turn an empty path into ".".
         target = path if path is not None else self.eamc_path
         if target is None:
@@ -248,6 +262,7 @@ def patch(
     cpu_threads: int | None = None,
     quantize: str | None = None,
     group_size: int | None = None,
+    lookahead: int = 0,
     show_progress: bool | None = None,
 ) -> Offloader:
     """Offload `model`'s routed experts: their weights move into the core's
@@ -269,7 +284,11 @@ def patch(
     (weight-only: int8/int4 with one scale per `group_size` input features,
     default 128; fp8 with one per 128 x 128 block; see
     `moe_offload.quantization`), dequantized just before it runs.
-    `show_progress` shows a progress bar while the experts move (None: only
+    `lookahead` (0 to 16, default 0: off; fused-expert families) runs the
+    routers of the next `lookahead` MoE layers on each MoE layer's hidden
+    state, one small matmul each on the device, and feeds their choices to
+    the prefetch planner; `stats()["lookahead"]` reports how often they were
+    right. `show_progress` shows a progress bar while the experts move (None: only
     when stderr is a terminal).
 
     While patched, the model refuses `.to()`, `.cuda()`, `.half()` and the
@@ -292,6 +311,7 @@ def patch(
         cpu_experts=cpu_experts,
         cpu_threads=cpu_threads,
         scheme=Quantization.parse(quantize, group_size),
+        lookahead=lookahead,
         show_progress=show_progress,
     )
 
@@ -311,6 +331,7 @@ def _patch(
     show_progress: bool | None,
     scheme: Quantization | None = None,
     backing: StoreBacking | None = None,
+    lookahead: int = 0,
 ) -> Offloader:
     """`patch`, with the experts either moved from the model into the host
     tier or, given `backing`, read from an expert store; their blobs
@@ -326,6 +347,7 @@ def _patch(
         copy_workers=copy_workers,
         cpu_experts=cpu_experts,
         cpu_threads=cpu_threads,
+        lookahead=lookahead,
         show_progress=show_progress,
     )
     blocks = find_expert_blocks(model)
@@ -334,6 +356,7 @@ def _patch(
             f"{type(model).__name__} has no MoE block moe-offload can offload. "
             f"Supported families: {', '.join(SUPPORTED_FAMILIES)}."
         )
+    routers = router_lookahead.find_routers(model, blocks, lookahead) if lookahead else None
     held = next((b.codec.scheme for b in blocks if b.blob_is_parameters and b.codec is not None), None)
     if scheme is not None and held is not None:
         raise MoeOffloadError(
@@ -377,6 +400,7 @@ def _patch(
         cpu_experts=cpu_experts,
     )
     tracker = RequestTracker(cache)
+    tracker.lookahead = routers
     host = HostMemory(cache)
     scratch = Scratch()
     # Block by block, the experts go into the host tier (unless an expert
@@ -422,6 +446,7 @@ def _patch(
         host,
         backing,
         scheme,
+        lookahead,
     )
     if backing is None and places_by_cost(offloader):
         calibrate_cpu(offloader)
@@ -609,6 +634,7 @@ def check_arguments(
     io_workers: int = 1,
     cpu_experts: str = CPU_EXPERTS[0],
     cpu_threads: int | None = None,
+    lookahead: int = 0,
     show_progress: bool | None = None,
 ) -> None:
     """Checks the arguments `patch` and `from_pretrained` share, before
@@ -641,6 +667,7 @@ def check_arguments(
         meaning = "torch threads for experts run on the CPU (default None: torch's)"
         _check_count("cpu_threads", cpu_threads, 1, MAX_WORKERS, meaning)
     _check_count("io_workers", io_workers, 1, MAX_WORKERS, "threads reading experts from disk (default 8)")
+    _check_count("lookahead", lookahead, 0, router_lookahead.MAX_LOOKAHEAD, router_lookahead.MEANING)
     if show_progress is not None and not isinstance(show_progress, bool):
         raise MoeOffloadError(
             f"show_progress={show_progress!r}: pass True, False, or None (a bar only on a terminal)"

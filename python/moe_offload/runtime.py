@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import closing, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch import nn
 from moe_offload._core import LATER, ON_CPU, ExpertCache, MoeOffloadError
 from moe_offload.adapters.base import TensorSpec
 from moe_offload.quantization import ExpertCodec, Scratch
+
+if TYPE_CHECKING:
+    from moe_offload.lookahead import RouterLookahead
 
 SlotViews = dict[str, nn.Parameter]
 _HOST = torch.device("cpu")
@@ -137,6 +140,8 @@ class RequestTracker:
         self.cache = cache
         self.recorder: TraceRecorder | None = None
         self.layout: BatchLayout | None = None
+        # The routers that run ahead on each layer's hidden state (None: off).
+        self.lookahead: RouterLookahead | None = None
         # The core takes integer keys; callers name requests by any hashable.
         self._ids: dict[Hashable, int] = {}
         self._next_id = 0
@@ -220,8 +225,14 @@ class RequestTracker:
         with self._lock:
             return list(self._ids)
 
-    def observe(self, layer: int, routing: np.ndarray) -> None:
+    def observe(self, layer: int, routing: np.ndarray, predicted: np.ndarray | None = None) -> None:
+        """Hands the layer's routing (tokens, top_k) to the core, and before
+        it the lookahead's `predicted` routing of the layers after it
+        (layers, tokens, top_k), so that the plan made after the routing
+        uses them."""
         top_k = routing.shape[-1]
+        if predicted is not None and len(predicted):
+            self.cache.lookahead(layer, predicted.ravel().tolist(), top_k, len(predicted))
         self.cache.observe(layer, routing.ravel().tolist(), top_k)
         if self.recorder is not None:
             self.recorder.observe(layer, routing)
@@ -328,9 +339,18 @@ class LayerRuntime:
             return blob
         return self.codec.decode(blob, self.scratch.for_codec(self.codec, device))
 
-    def observe(self, routing: np.ndarray) -> None:
-        """This step's routing at this layer: (tokens, top_k) expert ids."""
-        self.tracker.observe(self.layer, routing)
+    def observe(self, routing: np.ndarray, predicted: np.ndarray | None = None) -> None:
+        """This step's routing at this layer: (tokens, top_k) expert ids; and
+        the lookahead's for the layers after it (see `look_ahead`)."""
+        self.tracker.observe(self.layer, routing, predicted)
+
+    def look_ahead(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """With router lookahead on, the routing that the next layers'
+        routers choose for this layer's router input `hidden_states`, on its
+        device (to be copied to the host with this layer's routing); else
+        nothing."""
+        lookahead = self.tracker.lookahead
+        return [] if lookahead is None else lookahead.predict(self.layer, hidden_states)
 
     def in_place(self, num_experts: int) -> SlotViews | None:
         """The layer's experts as stacked views of the host tier, when the CPU

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 
 use crate::error::{CoreError, Result};
 use crate::layout::ExpertId;
-use crate::trace::eamc::MAX_CAPACITY;
+use crate::trace::eamc::{AffinityTables, MAX_CAPACITY};
 use crate::trace::{sizing, ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
 
 /// Tunables, measured with the trace replay.
@@ -44,6 +44,12 @@ pub struct PlannerConfig {
     /// Weight of the per-token reuse term against layer distance in an
     /// expert's expected distance to its next use (1 = the plain model).
     pub reuse_weight: f32,
+    /// Weight of a router lookahead (the layer's own router scored on an
+    /// earlier layer's hidden state) in the prediction for its layer, from
+    /// 0 (ignored) to 1 (alone). Not tuned: the lab has no hidden states
+    /// to measure it with. High, because where the router's own choice on
+    /// a slightly older hidden state is right, nothing else is as direct.
+    pub lookahead_weight: f32,
 }
 
 impl Default for PlannerConfig {
@@ -64,6 +70,7 @@ impl Default for PlannerConfig {
             // tables; stall 27.8 / 24.8 / 24.6 / 24.5 / 24.5 ms per token.
             affinity_horizon: 4,
             reuse_weight: 0.2,
+            lookahead_weight: 0.8,
         }
     }
 }
@@ -81,6 +88,13 @@ impl PlannerConfig {
             return Err(CoreError::InvalidConfig(format!(
                 "eamc_capacity={} is out of range: use 1 to {MAX_CAPACITY} entries (the default is 1000)",
                 self.eamc_capacity
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.lookahead_weight) {
+            return Err(CoreError::InvalidConfig(format!(
+                "lookahead_weight={} is out of range: it blends a router lookahead into the \
+                 prediction and must be from 0 to 1 (the default is 0.8)",
+                self.lookahead_weight
             )));
         }
         Ok(())
@@ -156,6 +170,9 @@ struct LiveRequest {
     /// The last steps routed, oldest first: each one's layer and token
     /// rows (`top_k` ids each); as many as there are affinity tables.
     steps: VecDeque<(usize, Vec<u32>)>,
+    /// Router lookahead: per layer ahead not routed yet, the distribution
+    /// its router gave on an earlier layer's hidden state (the nearest).
+    lookahead: Vec<(usize, Vec<f32>)>,
 }
 
 pub struct Planner {
@@ -191,20 +208,20 @@ impl Planner {
         Self::with_collection(eamc, config)
     }
 
-    /// A planner that starts from a saved collection.
-    pub fn with_collection(eamc: ActivationCollection, config: PlannerConfig) -> Result<Self> {
+    /// A planner that starts from a saved collection, and from the
+    /// affinity tables saved with it: those for the distances this
+    /// configuration keeps (d = 1..=affinity_horizon), zero for the rest.
+    pub fn with_collection(mut eamc: ActivationCollection, config: PlannerConfig) -> Result<Self> {
         config.check()?;
         let (layers, experts) = (eamc.layers(), eamc.experts());
         let tables = affinity_tables(&config, layers);
         check_affinity_table(layers, experts, tables)?;
+        let saved = eamc.take_affinity();
         Ok(Self {
             config,
             live: Vec::new(),
             global: ActivationMatrix::new(layers, experts),
-            affinity: sizing::zeroed(
-                tables * layers * experts * experts,
-                "the planner's affinity tables",
-            )?,
+            affinity: starting_affinity(saved, tables * layers * experts * experts)?,
             affinity_tables: tables,
             top_k: 1,
             scores: vec![0.0; layers * experts],
@@ -242,11 +259,19 @@ impl Planner {
         &self.eamc
     }
 
+    /// The direct co-activation tables learned so far: their count D and
+    /// the D·L·E·E token counts (layout of [`AffinityTables`]), what an
+    /// EAMC file saves for a restarted planner to start from.
+    pub fn affinity(&self) -> (usize, &[f32]) {
+        (self.affinity_tables, &self.affinity)
+    }
+
     pub fn begin_request(&mut self) -> RequestId {
         let matcher = LiveRequest {
             matcher: RequestMatcher::new(&self.eamc),
             recent: vec![0.0; self.eamc.layers() * self.eamc.experts()],
             steps: VecDeque::new(),
+            lookahead: Vec::new(),
         };
         match self.live.iter().position(Option::is_none) {
             Some(free) => {
@@ -285,6 +310,8 @@ impl Planner {
             )));
         }
         self.top_k = self.top_k.max(top_k);
+        // The layer's real routing supersedes what was looked ahead for it.
+        request.lookahead.retain(|(ahead, _)| *ahead != layer);
         for row in rows.chunks(top_k) {
             request.matcher.observe(&self.eamc, layer, row);
             let recent = &mut request.recent[layer * experts..(layer + 1) * experts];
@@ -327,6 +354,60 @@ impl Planner {
         recycled.extend_from_slice(rows);
         request.steps.push_back((layer, recycled));
         Ok(())
+    }
+
+    /// Request `id`'s tokens of this step will be routed to `rows` (`top_k`
+    /// ids per token) at `layer`, as that layer's router chose on an
+    /// earlier layer's hidden state (router lookahead). Kept, replacing an
+    /// older lookahead for `layer`, until the layer's routing is observed.
+    pub fn lookahead(
+        &mut self,
+        id: RequestId,
+        layer: usize,
+        rows: &[u32],
+        top_k: usize,
+    ) -> Result<()> {
+        let experts = self.eamc.experts();
+        if layer >= self.eamc.layers()
+            || top_k == 0
+            || rows.is_empty()
+            || rows.len() % top_k != 0
+            || rows.iter().any(|&e| e as usize >= experts)
+        {
+            return Err(CoreError::Protocol(format!(
+                "a lookahead of {} ids for layer {layer} is not rows of {top_k} ids below {experts} \
+                 for one of {} layers",
+                rows.len(),
+                self.eamc.layers()
+            )));
+        }
+        let request = self.live_mut(id)?;
+        let mut dist = match request.lookahead.iter().position(|(l, _)| *l == layer) {
+            Some(i) => request.lookahead.swap_remove(i).1,
+            None => Vec::new(),
+        };
+        dist.clear();
+        dist.resize(experts, 0.0);
+        // A share per id, as `step_distribution`: top_k times it is the
+        // chance that a token uses the expert.
+        let each = 1.0 / rows.len() as f32;
+        for &e in rows {
+            dist[e as usize] += each;
+        }
+        request.lookahead.push((layer, dist));
+        Ok(())
+    }
+
+    /// Blends the request's router lookahead for `layer`, if any, into
+    /// its predicted shares there.
+    fn blend_lookahead(&self, request: &LiveRequest, layer: usize, share: &mut [f32]) {
+        let Some((_, ahead)) = request.lookahead.iter().find(|(l, _)| *l == layer) else {
+            return;
+        };
+        let w = self.config.lookahead_weight;
+        for (s, &a) in share.iter_mut().zip(ahead) {
+            *s = (1.0 - w) * *s + w * a;
+        }
     }
 
     fn live_mut(&mut self, id: RequestId) -> Result<&mut LiveRequest> {
@@ -383,6 +464,7 @@ impl Planner {
                         *s = (1.0 - w) * *s + w * c;
                     }
                 }
+                self.blend_lookahead(request, target, &mut share);
                 let cells = target * experts..(target + 1) * experts;
                 for (((score, priority), probability), &p) in self.scores[cells.clone()]
                     .iter_mut()
@@ -532,6 +614,24 @@ impl Planner {
 /// none reaching past the last layer (a token's next layers only).
 fn affinity_tables(config: &PlannerConfig, layers: usize) -> usize {
     config.affinity_horizon.min(layers.saturating_sub(1))
+}
+
+/// The planner's tables (`len` values) at the start: the saved ones where
+/// their distances d are kept, zero for the rest. The layout is d-major, so
+/// the tables for d = 1..=min(saved, kept) are the first values of both.
+fn starting_affinity(saved: Option<AffinityTables>, len: usize) -> Result<Vec<f32>> {
+    let what = "the planner's affinity tables";
+    let Some(saved) = saved else {
+        return sizing::zeroed(len, what);
+    };
+    let mut values = saved.into_values();
+    values.truncate(len);
+    values
+        .try_reserve_exact(len - values.len())
+        .map_err(|e| CoreError::InvalidConfig(format!("cannot allocate {what}: {e}")))?;
+    values.resize(len, 0.0);
+    values.shrink_to_fit();
+    Ok(values)
 }
 
 /// The affinity tables grow with E² (D·L·E·E floats): checked against the
@@ -717,6 +817,41 @@ mod tests {
             planner.observe(now, 1, &[0]).unwrap();
             planner.observe(now, 2, &[3 - e]).unwrap();
         }
+    }
+
+    #[test]
+    fn a_router_lookahead_leads_the_prefetches_for_its_layer_until_the_layer_routes() {
+        // Layer 2 has always used expert 2; its router, run on layer 0's
+        // hidden state, now says 3.
+        let (mut planner, now) = planner_with_routing(4, None);
+        let first_of_layer_two = |planner: &mut Planner, layer: usize| {
+            let (_, best) = planner.plan(layer);
+            best.iter().map(|&(id, _)| id).find(|&id| id / 4 == 2)
+        };
+        assert_eq!(first_of_layer_two(&mut planner, 0), Some(2 * 4 + 2));
+        planner.lookahead(now, 2, &[3], 1).unwrap();
+        assert_eq!(first_of_layer_two(&mut planner, 0), Some(2 * 4 + 3));
+        planner.observe(now, 1, &[1]).unwrap();
+        assert_eq!(first_of_layer_two(&mut planner, 1), Some(2 * 4 + 3));
+        // Layer 2's own routing replaces the lookahead: the next token's
+        // layer 2 (a whole token ahead) is predicted from history again.
+        planner.observe(now, 2, &[2]).unwrap();
+        assert_eq!(first_of_layer_two(&mut planner, 2), Some(2 * 4 + 2));
+        for (layer, rows, top_k) in [(4, &[0u32][..], 1), (1, &[4], 1), (1, &[0, 1, 2], 2)] {
+            let error = planner.lookahead(now, layer, rows, top_k).unwrap_err();
+            assert!(error.to_string().contains("lookahead of"), "{error}");
+        }
+        let error = planner.lookahead(99, 1, &[0], 1).unwrap_err();
+        assert!(
+            error.to_string().contains("request 99 is not live"),
+            "{error}"
+        );
+        let config = PlannerConfig {
+            lookahead_weight: 1.5,
+            ..PlannerConfig::default()
+        };
+        let error = Planner::new(2, 4, config).err().unwrap().to_string();
+        assert!(error.contains("lookahead_weight=1.5"), "{error}");
     }
 
     #[test]

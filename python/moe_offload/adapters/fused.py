@@ -192,6 +192,24 @@ def _expert_output(module: nn.Module, state: torch.Tensor, w: dict[str, torch.Te
     return _project(current, w["down_proj"], w.get("down_proj_bias"), transposed)
 
 
+def _routing_to_host(
+    top_k_index: torch.Tensor, ahead: list[torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's routing (tokens, top_k) on the host and, with lookahead
+    predictions `ahead`, those too (layers, tokens, top_k): one copy, so the
+    lookahead waits for nothing the routing does not."""
+    if not ahead:
+        return top_k_index.to("cpu", torch.int64).numpy(), None
+    for predicted in ahead:
+        if predicted.shape != top_k_index.shape:
+            raise UnsupportedModelError(
+                f"router lookahead: a router chose {tuple(predicted.shape)} expert ids for a layer routed as "
+                f"{tuple(top_k_index.shape)}; patch this model without lookahead"
+            )
+    stacked = torch.stack([t.to(torch.int64) for t in (top_k_index, *ahead)]).to("cpu").numpy()
+    return stacked[0], stacked[1:]
+
+
 def offloaded_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -205,10 +223,12 @@ def offloaded_experts_forward(
             "call moe_offload.patch(model)"
         )
     num_experts = self.down_proj.shape[0]
+    # Router lookahead (when on): the next layers' routers on this input.
+    ahead = runtime.look_ahead(hidden_states)
     in_place: InPlace | None = self.__dict__.get("_moe_offload_in_place")
     if in_place is not None:
-        routing = top_k_index.to(torch.int64).numpy()
-        runtime.observe(routing)
+        routing, predicted = _routing_to_host(top_k_index, ahead)
+        runtime.observe(routing, predicted)
         counts = np.bincount(routing.ravel(), minlength=num_experts)
         used = np.flatnonzero(counts)
         return runtime.run_in_place(
@@ -219,10 +239,11 @@ def offloaded_experts_forward(
     final_hidden_states = torch.zeros_like(hidden_states)
     on_host = hidden_states.device.type == "cpu"
     with torch.no_grad():
-        # One device-to-host copy per layer: this step's routing. It feeds the
-        # request tracing and planner, and names the experts to fetch (in the
-        # ascending order the eager implementation uses).
-        routing = top_k_index.to("cpu", torch.int64).numpy()
+        # One device-to-host copy per layer: this step's routing (with the
+        # lookahead's, when on). It feeds the request tracing and planner,
+        # and names the experts to fetch (in the ascending order the eager
+        # implementation uses).
+        routing, predicted = _routing_to_host(top_k_index, ahead)
         # The (k, token) positions that chose each expert, k-major as the
         # eager implementation's `torch.where` yields them: sorted once per
         # layer (on the device, and on the host for the CPU's experts) and
@@ -237,7 +258,7 @@ def offloaded_experts_forward(
         else:
             order = torch.argsort(top_k_index.T.reshape(-1), stable=True)
         all_top_k_pos, all_token_idx = order // tokens, order % tokens
-    runtime.observe(routing)
+    runtime.observe(routing, predicted)
     used = np.flatnonzero(counts[:num_experts]).tolist()
     # Each expert's output, added up at the end in ascending expert order,
     # as the eager implementation adds them, wherever each one ran.

@@ -45,6 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "keep the experts quantized (converted into --store-dir on first use; a quantized store is "
         "served as it is)",
     )
+    parser.add_argument(
+        "--lookahead",
+        type=int,
+        default=0,
+        metavar="D",
+        help="router lookahead: the routers of the next D MoE layers score each layer's hidden state for the "
+        "prefetch planner (default: %(default)s, off)",
+    )
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: PATH)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
@@ -163,6 +171,7 @@ def build_engine(args: argparse.Namespace, eamc_path: str | None) -> Engine:
         cpu_experts=args.cpu_experts,
         quantize=args.quantize,
         group_size=args.group_size,
+        lookahead=args.lookahead,
     )
     if model.config.is_encoder_decoder:
         raise MoeOffloadError(

@@ -43,7 +43,7 @@ use crate::tiers::host_cache::{HostCacheStats, HostSlotId};
 use crate::tiers::source::{ExpertSource, StoredExperts};
 use crate::tiers::store::ExpertStore;
 use crate::timing::TimingEstimate;
-use crate::trace::live::LiveTracer;
+use crate::trace::live::{LiveTracer, LookaheadCounts};
 use crate::trace::planning::{ApplyPlan, PlanningThread};
 use crate::trace::ActivationCollection;
 
@@ -668,10 +668,71 @@ impl ExpertCache {
         planning.observe(layer as usize, ids.to_vec(), top_k, timing)
     }
 
-    /// Writes the EAMC (finished requests only) to `path` atomically.
+    /// A router lookahead at `layer`: `ids` holds `depth` blocks of token
+    /// rows (`top_k` ids each, batch-major, as `observe`), the experts that
+    /// the routers of layers `layer + 1 ..= layer + depth` chose on this
+    /// layer's hidden state. The planner weighs them into its predictions
+    /// for those layers, and scores them against their routing (see
+    /// [`lookahead_counts`](Self::lookahead_counts)). Hand it over before
+    /// the layer's own routing, so that the plan after that uses it.
+    pub fn lookahead(&self, layer: u32, ids: &[u32], top_k: usize, depth: usize) -> Result<()> {
+        let Some(planning) = &self.planning else {
+            return Ok(());
+        };
+        let layers = self.layout().num_layers();
+        if depth == 0 || layer as usize + depth >= layers {
+            return Err(CoreError::Protocol(format!(
+                "a lookahead of depth {depth} at layer {layer} reaches past the last of {layers} \
+                 MoE layers; look at most {} layers ahead from there",
+                layers.saturating_sub(layer as usize + 1)
+            )));
+        }
+        if top_k == 0 || ids.is_empty() || ids.len() % (top_k * depth) != 0 {
+            return Err(CoreError::Protocol(format!(
+                "{} lookahead ids of layer {layer} do not split into {depth} layers of rows of \
+                 top_k = {top_k}",
+                ids.len()
+            )));
+        }
+        for (target, block) in (layer + 1..).zip(ids.chunks(ids.len() / depth)) {
+            let experts = self.layout().experts_in_layer(target);
+            if let Some(&bad) = block.iter().find(|&&e| e >= experts) {
+                return Err(self.layout().id(target, bad).unwrap_err());
+            }
+        }
+        planning.lookahead(layer as usize, ids.to_vec(), top_k, depth)
+    }
+
+    /// The router lookahead's agreement with the routing since the last
+    /// reset, per (distance, target layer); empty without request tracing.
+    pub fn lookahead_counts(&self) -> Result<Vec<((usize, usize), LookaheadCounts)>> {
+        match &self.planning {
+            Some(planning) => Ok(planning.settled()?.lookahead_counts()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Clears [`lookahead_counts`](Self::lookahead_counts), once every
+    /// routing handed over is scored.
+    pub fn reset_lookahead_counts(&self) -> Result<()> {
+        if let Some(planning) = &self.planning {
+            planning.settled()?.reset_lookahead_counts();
+        }
+        Ok(())
+    }
+
+    /// Writes the EAMC (finished requests only) and the planner's affinity
+    /// tables (every routing traced) to `path` atomically.
     pub fn save_eamc(&self, path: &Path) -> Result<()> {
         match &self.planning {
-            Some(planning) => planning.settled()?.planner().collection().save(path),
+            Some(planning) => {
+                let tracer = planning.settled()?;
+                let (tables, values) = tracer.planner().affinity();
+                tracer
+                    .planner()
+                    .collection()
+                    .save_with_affinity(path, tables, values)
+            }
             None => Err(CoreError::InvalidConfig(
                 "this model's MoE layers differ in expert count; it has no EAMC".into(),
             )),
@@ -998,7 +1059,8 @@ fn apply_plans(shared: Arc<Shared>, depth: usize) -> ApplyPlan {
 }
 
 /// The tracer for a layout whose layers share one expert count, starting
-/// from the saved EAMC at `config.eamc_path` when given.
+/// from the saved EAMC (and the planner's tables saved with it) at
+/// `config.eamc_path` when given.
 fn tracer_for(layout: &ExpertLayout, config: &CacheConfig) -> Result<Option<LiveTracer>> {
     let experts = layout.experts_in_layer(0) as usize;
     let uniform =

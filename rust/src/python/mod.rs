@@ -22,6 +22,7 @@ use std::time::Duration;
 use crate::cache::core::Placement;
 use crate::cache::{CacheConfig, Device, ExpertCache as CoreCache};
 use crate::execution::CpuExperts;
+use crate::trace::live::LookaheadCounts;
 use errors::to_py;
 use store::PyExpertStore;
 
@@ -352,6 +353,54 @@ impl PyExpertCache {
     /// batch-major) and re-plans the prefetches for the layers ahead.
     fn observe(&self, py: Python<'_>, layer: u32, ids: Vec<u32>, top_k: usize) -> PyResult<()> {
         py.detach(|| self.cache.observe(layer, &ids, top_k))
+            .map_err(to_py)
+    }
+
+    /// A router lookahead at `layer`: `depth` blocks of token rows (`top_k`
+    /// ids each), what the routers of the next `depth` layers chose on this
+    /// layer's hidden state. Call it before `observe` of the same layer.
+    fn lookahead(
+        &self,
+        py: Python<'_>,
+        layer: u32,
+        ids: Vec<u32>,
+        top_k: usize,
+        depth: usize,
+    ) -> PyResult<()> {
+        py.detach(|| self.cache.lookahead(layer, &ids, top_k, depth))
+            .map_err(to_py)
+    }
+
+    /// The router lookahead's agreement with the routing since the last
+    /// reset: (distance, target layer, passes, predicted, used, hits,
+    /// token_hits, token_ids) per pair scored, in that order.
+    #[allow(clippy::type_complexity)]
+    fn lookahead_counts(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Vec<(usize, usize, u64, u64, u64, u64, u64, u64)>> {
+        let counts = py.detach(|| self.cache.lookahead_counts()).map_err(to_py)?;
+        Ok(counts
+            .into_iter()
+            .map(|((d, layer), c)| {
+                let LookaheadCounts {
+                    passes,
+                    predicted,
+                    used,
+                    hits,
+                    token_hits,
+                    token_ids,
+                } = c;
+                (
+                    d, layer, passes, predicted, used, hits, token_hits, token_ids,
+                )
+            })
+            .collect())
+    }
+
+    /// Clears `lookahead_counts`.
+    fn reset_lookahead_counts(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.cache.reset_lookahead_counts())
             .map_err(to_py)
     }
 

@@ -9,7 +9,7 @@ use crate::planner::PlannerConfig;
 use crate::trace::Replacement;
 
 /// Keyword arguments that tune the planner, as the docs name them.
-pub const SETTINGS: [&str; 12] = [
+pub const SETTINGS: [&str; 13] = [
     "matches",
     "own_weight",
     "eamc_weight",
@@ -22,6 +22,7 @@ pub const SETTINGS: [&str; 12] = [
     "affinity_weight",
     "affinity_horizon",
     "reuse_weight",
+    "lookahead_weight",
 ];
 
 /// `PlannerConfig::default()` with the settings present in `kwargs`
@@ -55,6 +56,7 @@ pub fn planner_config(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<PlannerCon
             "affinity_weight" => config.affinity_weight = weight()?,
             "affinity_horizon" => config.affinity_horizon = count()?,
             "reuse_weight" => config.reuse_weight = weight()?,
+            "lookahead_weight" => config.lookahead_weight = weight()?,
             other => {
                 return Err(MoeOffloadError::new_err(format!(
                     "unknown planner setting {other:?}; known: {}",

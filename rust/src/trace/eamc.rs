@@ -6,6 +6,13 @@
 //! Storage is column-major over entries: for each (layer, expert) cell, the
 //! values of all K entries are contiguous, so a matcher's per-token update
 //! (one cell per routed expert) is a vectorisable sweep over K floats.
+//!
+//! The file (little endian): magic, version, layers L, experts E, capacity,
+//! entries, replacement rule and, from version 2, the number D of the
+//! planner's affinity tables; then each entry's L·E counts (u32), match
+//! count (u32) and sequence number (u64); from version 2 the D·L·E·E table
+//! values (f32); then a CRC-32 of all of that. Version 1 files (no tables)
+//! still load; the planner relearns their tables from traffic.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
@@ -19,8 +26,14 @@ use super::sizing;
 use crate::error::{CoreError, Result};
 
 const MAGIC: &[u8; 8] = b"MOEEAMC\0";
-const VERSION: u32 = 1;
-const HEADER_BYTES: usize = 8 + 4 * 5 + 4;
+/// The version this build writes, and the newest it reads.
+const VERSION: u32 = 2;
+/// Version 1: no affinity tables, and a header without their count.
+const VERSION_1: u32 = 1;
+/// Magic, six words (version, layers, experts, capacity, entries,
+/// replacement rule) and, from version 2, the table count.
+const HEADER_BYTES: usize = 8 + 4 * 6 + 4;
+const HEADER_BYTES_V1: usize = HEADER_BYTES - 4;
 
 /// The most entries an EAMC holds. Matching sweeps every entry once per
 /// routed expert (68 µs per layer at K = 10,000 on DeepSeek-V2-Lite's
@@ -75,6 +88,69 @@ fn check_shape(
     }
     let what = format!("an EAMC of {capacity} entries of {layers}x{experts} counts");
     sizing::check_fits(&what, footprint(capacity, layers, experts), max_bytes)
+}
+
+/// Values in `tables` affinity tables of `layers` × `experts` × `experts`,
+/// or None when that overflows.
+fn table_values(tables: usize, layers: usize, experts: usize) -> Option<usize> {
+    tables
+        .checked_mul(layers)?
+        .checked_mul(experts)?
+        .checked_mul(experts)
+}
+
+/// Whether `tables` affinity tables of this shape may be held: fewer than
+/// the layers (a table links layer l to l + d of the same token), and at
+/// most `max_bytes`.
+fn check_tables(
+    tables: usize,
+    layers: usize,
+    experts: usize,
+    max_bytes: usize,
+) -> std::result::Result<(), String> {
+    if tables > 0 && tables >= layers {
+        return Err(format!(
+            "{tables} affinity tables for {layers} layers (a table links layer l to l + d, d < {layers})"
+        ));
+    }
+    let what = format!("{tables} affinity tables of {layers}x{experts}x{experts}");
+    let bytes = table_values(tables, layers, experts).and_then(|n| sizing::bytes_of(n, 4));
+    sizing::check_fits(&what, bytes, max_bytes)
+}
+
+/// Table values are token counts: a negative or non-finite one would turn
+/// the planner's predictions into NaN.
+fn check_table_values(values: &[f32]) -> std::result::Result<(), String> {
+    match values.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+        Some(i) => Err(format!(
+            "affinity table value {i} is {}, not a count",
+            values[i]
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The planner's direct co-activation tables as an EAMC file holds them:
+/// [`tables`](Self::tables) tables of L·E·E token counts in the planner's
+/// layout, `[((d - 1) * L + l) * E * E + a * E + b]` for d = 1..=tables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AffinityTables {
+    tables: usize,
+    values: Vec<f32>,
+}
+
+impl AffinityTables {
+    pub fn tables(&self) -> usize {
+        self.tables
+    }
+
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+
+    pub fn into_values(self) -> Vec<f32> {
+        self.values
+    }
 }
 
 /// Which entry a full collection gives up for a new one.
@@ -134,6 +210,9 @@ pub struct ActivationCollection {
     matched: Vec<u32>,
     inserted: Vec<u64>,
     next_seq: u64,
+    /// The planner's tables read with the collection, kept until a planner
+    /// takes them so that a load and a save keep them.
+    affinity: Option<AffinityTables>,
 }
 
 impl ActivationCollection {
@@ -174,6 +253,7 @@ impl ActivationCollection {
             matched: sizing::zeroed(capacity, what)?,
             inserted: sizing::zeroed(capacity, what)?,
             next_seq: 0,
+            affinity: None,
         })
     }
 
@@ -199,6 +279,18 @@ impl ActivationCollection {
 
     pub fn replacement(&self) -> Replacement {
         self.replacement
+    }
+
+    /// The planner's affinity tables read with the collection from a
+    /// version 2 file, until [`take_affinity`](Self::take_affinity).
+    pub fn affinity(&self) -> Option<&AffinityTables> {
+        self.affinity.as_ref()
+    }
+
+    /// Takes the tables read with the collection: a planner built from it
+    /// starts from them.
+    pub fn take_affinity(&mut self) -> Option<AffinityTables> {
+        self.affinity.take()
     }
 
     /// Entry values of all K entries at (layer, expert); only the first
@@ -331,15 +423,43 @@ impl ActivationCollection {
     /// same directory, synced, renamed over `path`, then the directory
     /// synced. A save killed half-way leaves the old file intact, and its
     /// temporary is removed by the next save.
+    /// The tables read with the collection, if any, are written with it.
     pub fn save(&self, path: &Path) -> Result<()> {
         let (dir, name) = save_target(path)?;
         write_atomically(&dir, &name, path, &self.to_bytes())
             .map_err(|e| file_error(path, &format!("cannot write: {e}")))
     }
 
+    /// Like [`save`](Self::save), with a planner's `tables` affinity tables
+    /// (`values` in the layout of [`AffinityTables`]) in place of any the
+    /// collection was read with.
+    pub fn save_with_affinity(&self, path: &Path, tables: usize, values: &[f32]) -> Result<()> {
+        let (layers, experts) = (self.layers, self.experts);
+        if table_values(tables, layers, experts) != Some(values.len()) {
+            return Err(CoreError::InvalidConfig(format!(
+                "{} values are not {tables} affinity tables of {layers}x{experts}x{experts}",
+                values.len()
+            )));
+        }
+        check_tables(tables, layers, experts, usize::MAX)
+            .and_then(|()| check_table_values(values))
+            .map_err(CoreError::InvalidConfig)?;
+        let (dir, name) = save_target(path)?;
+        write_atomically(&dir, &name, path, &self.to_bytes_with(tables, values))
+            .map_err(|e| file_error(path, &format!("cannot write: {e}")))
+    }
+
     fn to_bytes(&self) -> Vec<u8> {
+        match &self.affinity {
+            Some(saved) => self.to_bytes_with(saved.tables, &saved.values),
+            None => self.to_bytes_with(0, &[]),
+        }
+    }
+
+    fn to_bytes_with(&self, tables: usize, values: &[f32]) -> Vec<u8> {
+        let entry_bytes = self.layers * self.experts * 4 + 12;
         let mut out =
-            Vec::with_capacity(HEADER_BYTES + self.len * (self.layers * self.experts * 4 + 12) + 4);
+            Vec::with_capacity(HEADER_BYTES + self.len * entry_bytes + values.len() * 4 + 4);
         out.extend_from_slice(MAGIC);
         for v in [
             VERSION,
@@ -347,16 +467,20 @@ impl ActivationCollection {
             self.experts as u32,
             self.capacity as u32,
             self.len as u32,
+            self.replacement.code(),
+            tables as u32,
         ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&self.replacement.code().to_le_bytes());
         for k in 0..self.len {
             for cell in 0..self.layers * self.experts {
                 out.extend_from_slice(&(self.cells[cell * self.capacity + k] as u32).to_le_bytes());
             }
             out.extend_from_slice(&self.matched[k].to_le_bytes());
             out.extend_from_slice(&self.inserted[k].to_le_bytes());
+        }
+        for v in values {
+            out.extend_from_slice(&v.to_le_bytes());
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
@@ -384,30 +508,56 @@ impl ActivationCollection {
             capacity,
             len,
             replacement,
+            header_bytes,
+            tables,
         } = header;
         let mut eamc =
             Self::allocate(capacity, layers, experts, replacement).map_err(|e| e.to_string())?;
+        let tables_at = eamc.read_entries(payload, header_bytes, len);
+        if tables > 0 {
+            let values = read_table_values(&payload[tables_at..])?;
+            eamc.affinity = Some(AffinityTables { tables, values });
+        }
+        Ok(eamc)
+    }
+
+    /// Reads `len` entries from `payload` at `at` (their size checked by
+    /// the header); returns where they end.
+    fn read_entries(&mut self, payload: &[u8], mut at: usize, len: usize) -> usize {
         let read_u32 = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().unwrap());
-        let cells = layers * experts;
+        let cells = self.layers * self.experts;
         let mut counts = vec![0u32; cells];
-        let mut at = HEADER_BYTES;
         for k in 0..len {
             for (i, count) in counts.iter_mut().enumerate() {
                 *count = read_u32(at + 4 * i);
             }
             at += cells * 4;
-            eamc.len = k + 1;
-            eamc.write(k, &counts);
-            eamc.matched[k] = read_u32(at);
-            eamc.inserted[k] = u64::from_le_bytes(payload[at + 4..at + 12].try_into().unwrap());
+            self.len = k + 1;
+            self.write(k, &counts);
+            self.matched[k] = read_u32(at);
+            self.inserted[k] = u64::from_le_bytes(payload[at + 4..at + 12].try_into().unwrap());
             at += 12;
         }
-        eamc.next_seq = eamc.inserted[..len]
+        self.next_seq = self.inserted[..len]
             .iter()
             .max()
             .map_or(0, |&s| s.saturating_add(1));
-        Ok(eamc)
+        at
     }
+}
+
+/// The affinity table values that end a file's payload (their count
+/// checked by the header).
+fn read_table_values(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let mut values: Vec<f32> =
+        sizing::zeroed(bytes.len() / 4, "the EAMC's affinity tables").map_err(|e| e.to_string())?;
+    for (v, b) in values.iter_mut().zip(bytes.chunks_exact(4)) {
+        *v = f32::from_le_bytes(b.try_into().unwrap());
+    }
+    check_table_values(&values).map_err(|reason| {
+        format!("{reason}; delete the file to rebuild it from traffic, or use another eamc_path")
+    })?;
+    Ok(values)
 }
 
 /// The fixed-size start of an EAMC file, with its sizes checked.
@@ -418,6 +568,10 @@ struct Header {
     capacity: usize,
     len: usize,
     replacement: Replacement,
+    /// Where the entries start.
+    header_bytes: usize,
+    /// Affinity tables after the entries (none in version 1).
+    tables: usize,
 }
 
 impl Header {
@@ -428,17 +582,15 @@ impl Header {
         if start.len() < 8 || &start[..8] != MAGIC {
             return Err("not an EAMC file (wrong magic bytes)".into());
         }
-        if file_len < HEADER_BYTES + 4 || start.len() < HEADER_BYTES {
-            return Err(format!(
-                "truncated: {file_len} bytes, shorter than the header"
-            ));
+        let truncated = || format!("truncated: {file_len} bytes, shorter than the header");
+        if start.len() < 12 {
+            return Err(truncated());
         }
         let word = |i: usize| u32::from_le_bytes(start[8 + 4 * i..12 + 4 * i].try_into().unwrap());
         let version = word(0);
-        if version != VERSION {
-            return Err(format!(
-                "EAMC format version {version}; this build reads version {VERSION}"
-            ));
+        let header_bytes = header_bytes(version)?;
+        if file_len < header_bytes + 4 || start.len() < header_bytes {
+            return Err(truncated());
         }
         let [layers, experts, capacity, len] = [1, 2, 3, 4].map(|i| word(i) as usize);
         let corrupt = |what: String| {
@@ -452,8 +604,21 @@ impl Header {
             )));
         }
         check_shape(capacity, layers, experts, max_bytes).map_err(corrupt)?;
-        // Cannot overflow: len <= capacity, whose footprint fits max_bytes.
-        let expected = HEADER_BYTES + len * (layers * experts * 4 + 12) + 4;
+        let tables = if version == VERSION_1 {
+            0
+        } else {
+            word(6) as usize
+        };
+        check_tables(tables, layers, experts, max_bytes).map_err(corrupt)?;
+        // Each part fits max_bytes (len <= capacity, whose footprint does);
+        // their sum is checked.
+        let entries = len * (layers * experts * 4 + 12);
+        let table_bytes = tables * layers * experts * experts * 4;
+        let expected = header_bytes
+            .checked_add(entries)
+            .and_then(|n| n.checked_add(table_bytes))
+            .and_then(|n| n.checked_add(4))
+            .ok_or_else(|| corrupt(format!("{len} entries and {tables} tables overflow")))?;
         if file_len != expected {
             return Err(format!(
                 "truncated or padded: {file_len} bytes where the header promises {expected}"
@@ -465,7 +630,27 @@ impl Header {
             capacity,
             len,
             replacement,
+            header_bytes,
+            tables,
         })
+    }
+}
+
+/// The header's length in a file of `version`, or why the version cannot
+/// be read.
+fn header_bytes(version: u32) -> std::result::Result<usize, String> {
+    match version {
+        VERSION_1 => Ok(HEADER_BYTES_V1),
+        VERSION => Ok(HEADER_BYTES),
+        newer if newer > VERSION => Err(format!(
+            "EAMC format version {newer} is newer than this build of moe-offload reads \
+             (versions {VERSION_1} to {VERSION}); upgrade moe-offload, or delete the file \
+             to rebuild it from traffic"
+        )),
+        other => Err(format!(
+            "EAMC format version {other} does not exist (versions are {VERSION_1} to {VERSION}): \
+             the file is corrupt; delete it to rebuild it from traffic"
+        )),
     }
 }
 
@@ -480,18 +665,22 @@ fn read_file(path: &Path, max_bytes: usize) -> std::result::Result<ActivationCol
         return Err("not a regular file; eamc_path must name a file".into());
     }
     let file_len = usize::try_from(meta.len()).unwrap_or(usize::MAX);
+    // The longest header; a shorter one is followed by entries (or the
+    // checksum), which a file of the length it promises has.
     let mut bytes = Vec::with_capacity(HEADER_BYTES);
     (&mut file)
         .take(HEADER_BYTES as u64)
         .read_to_end(&mut bytes)
         .map_err(cannot_read)?;
     Header::parse(&bytes, file_len, max_bytes)?;
+    // At least the header's length: the parse checked.
+    let rest = file_len - bytes.len();
     bytes
-        .try_reserve_exact(file_len - bytes.len())
+        .try_reserve_exact(rest)
         .map_err(|e| format!("cannot allocate {file_len} bytes to read it: {e}"))?;
     // One byte beyond the promised length: a file that grew since is
     // caught by the length check of `from_bytes`.
-    file.take((file_len - HEADER_BYTES + 1) as u64)
+    file.take((rest + 1) as u64)
         .read_to_end(&mut bytes)
         .map_err(cannot_read)?;
     ActivationCollection::from_bytes(&bytes, max_bytes)
@@ -701,8 +890,8 @@ mod tests {
     }
 
     /// Sets header word `i` (0 = version, 1 layers, 2 experts, 3 capacity,
-    /// 4 entries, 5 replacement rule) and recomputes the checksum, so that
-    /// the parser gets past it.
+    /// 4 entries, 5 replacement rule, 6 affinity tables from version 2) and
+    /// recomputes the checksum, so that the parser gets past it.
     fn with_header_word(bytes: &[u8], i: usize, value: u32) -> Vec<u8> {
         let mut b = bytes.to_vec();
         b[8 + 4 * i..12 + 4 * i].copy_from_slice(&value.to_le_bytes());
@@ -722,6 +911,85 @@ mod tests {
         eamc.insert(&eam(&[&[1, 0, 2], &[0, 3, 0]])).unwrap();
         eamc.insert(&eam(&[&[0, 5, 0], &[1, 1, 1]])).unwrap();
         eamc
+    }
+
+    /// The version 1 file of a version 2 file without tables: the same
+    /// words, less the table count.
+    fn as_version_1(bytes: &[u8]) -> Vec<u8> {
+        assert_eq!(bytes[HEADER_BYTES_V1..HEADER_BYTES], [0; 4], "no tables");
+        let mut v1 = [&bytes[..HEADER_BYTES_V1], &bytes[HEADER_BYTES..]].concat();
+        v1[8..12].copy_from_slice(&VERSION_1.to_le_bytes());
+        reseal(&mut v1);
+        v1
+    }
+
+    #[test]
+    fn affinity_tables_round_trip_and_version_1_files_load_without_them() {
+        let eamc = sample();
+        // One table of 2 layers x 3 x 3 experts: counts, some fractional.
+        let values: Vec<f32> = (0..18).map(|i| i as f32 * 0.5).collect();
+        let bytes = eamc.to_bytes_with(1, &values);
+        let mut back = ActivationCollection::from_bytes(&bytes, 1 << 20).unwrap();
+        assert_eq!(
+            back.affinity().map(|a| (a.tables(), a.values())),
+            Some((1, &values[..]))
+        );
+        assert_eq!(back.to_bytes(), bytes, "a load and a save keep the tables");
+        assert_eq!(back.take_affinity().unwrap().into_values(), values);
+        assert_eq!(back.to_bytes(), eamc.to_bytes(), "taken: saved without");
+
+        let v1 =
+            ActivationCollection::from_bytes(&as_version_1(&eamc.to_bytes()), 1 << 20).unwrap();
+        assert!(v1.affinity().is_none());
+        assert_eq!(
+            v1.to_bytes(),
+            eamc.to_bytes(),
+            "the same collection, saved as version 2"
+        );
+    }
+
+    #[test]
+    fn newer_or_unknown_versions_and_bad_table_values_are_refused_with_the_fix() {
+        let bytes = sample().to_bytes_with(1, &[1.0; 18]);
+        let newer = ActivationCollection::from_bytes(&with_header_word(&bytes, 0, 3), 1 << 20);
+        let err = newer.unwrap_err();
+        for says in [
+            "version 3 is newer",
+            "upgrade moe-offload",
+            "delete the file to rebuild it",
+        ] {
+            assert!(err.contains(says), "{err}");
+        }
+        let err =
+            ActivationCollection::from_bytes(&with_header_word(&bytes, 0, 0), 1 << 20).unwrap_err();
+        assert!(err.contains("version 0 does not exist"), "{err}");
+        // Table values that are not counts, under a valid checksum.
+        for bad in [f32::NAN, f32::INFINITY, -1.0] {
+            let mut broken = bytes.clone();
+            let last = broken.len() - 8;
+            broken[last..last + 4].copy_from_slice(&bad.to_le_bytes());
+            reseal(&mut broken);
+            let err = ActivationCollection::from_bytes(&broken, 1 << 20).unwrap_err();
+            assert!(
+                err.contains("value 17") && err.contains("not a count"),
+                "{bad}: {err}"
+            );
+        }
+        // Nor are such tables written.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.eamc");
+        for (tables, values, says) in [
+            (1, vec![1.0; 17], "17 values are not 1 affinity tables"),
+            (2, vec![1.0; 36], "2 affinity tables for 2 layers"),
+            (1, vec![f32::NAN; 18], "not a count"),
+        ] {
+            let err = sample()
+                .save_with_affinity(&path, tables, &values)
+                .unwrap_err();
+            assert!(matches!(err, CoreError::InvalidConfig(_)), "{err}");
+            assert!(err.to_string().contains(says), "{err}");
+        }
+        assert!(!path.exists());
     }
 
     #[test]
@@ -762,11 +1030,23 @@ mod tests {
             (2, u32::MAX, "more than the 1048576 bytes"),
             (4, 1, "truncated or padded"),
             (5, 7, "replacement rule"),
+            (6, u32::MAX, "affinity tables for 2 layers"),
+            (6, 1, "truncated or padded"),
         ] {
             let broken = with_header_word(&bytes, word, value);
             let err = ActivationCollection::from_bytes(&broken, limit).unwrap_err();
             assert!(err.contains(says), "word {word} = {value}: {err}");
         }
+        // Tables beyond the limit, of a collection that fits it.
+        let mut huge_tables = bytes.clone();
+        for (word, value) in [(2, 400), (4, 0), (6, 1)] {
+            huge_tables = with_header_word(&huge_tables, word, value);
+        }
+        let err = ActivationCollection::from_bytes(&huge_tables, limit).unwrap_err();
+        assert!(
+            err.contains("1 affinity tables of 2x400x400") && err.contains("more than the 1048576"),
+            "{err}"
+        );
 
         // Loading checks the header against the file's length first.
         let dir = tempfile::tempdir().unwrap();
@@ -850,35 +1130,65 @@ mod tests {
                     assert!(
                         footprint(eamc.capacity(), eamc.layers(), eamc.experts()).unwrap() <= LIMIT
                     );
+                    if let Some(saved) = eamc.affinity() {
+                        assert!(0 < saved.tables() && saved.tables() < eamc.layers());
+                        assert!(saved.values().len() * 4 <= LIMIT);
+                        assert!(saved.values().iter().all(|v| v.is_finite() && *v >= 0.0));
+                    }
                 }
                 Err(reason) => assert!(!reason.is_empty()),
             }
             parsed
         }
 
-        /// A valid file of a small random collection.
-        fn saved() -> impl Strategy<Value = Vec<u8>> {
-            (1usize..6, 1usize..4, 1usize..5, 0usize..6, any::<u64>()).prop_map(
-                |(capacity, layers, experts, inserts, seed)| {
+        /// A small random collection, and its random affinity tables
+        /// (none, or some of the d < L it may have).
+        fn collection() -> impl Strategy<Value = (ActivationCollection, usize, Vec<f32>)> {
+            (
+                1usize..6,
+                1usize..4,
+                1usize..5,
+                0usize..6,
+                any::<u64>(),
+                0usize..4,
+            )
+                .prop_map(|(capacity, layers, experts, inserts, seed, tables)| {
                     let rule = Replacement::from_code((seed % 3) as u32).unwrap();
                     let mut eamc =
                         ActivationCollection::new(capacity, layers, experts, rule).unwrap();
                     let mut x = seed | 1;
+                    let mut next = move || {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x
+                    };
                     for _ in 0..inserts {
-                        let counts = (0..layers * experts)
-                            .map(|_| {
-                                x ^= x << 13;
-                                x ^= x >> 7;
-                                x ^= x << 17;
-                                (x % 5) as u32
-                            })
-                            .collect();
+                        let counts = (0..layers * experts).map(|_| (next() % 5) as u32).collect();
                         let m = ActivationMatrix::from_counts(layers, experts, counts).unwrap();
                         eamc.insert(&m).unwrap();
                     }
-                    eamc.to_bytes()
-                },
-            )
+                    let tables = tables % layers;
+                    let values = (0..tables * layers * experts * experts)
+                        .map(|_| (next() % 40) as f32 * 0.25)
+                        .collect();
+                    (eamc, tables, values)
+                })
+        }
+
+        /// A valid version 2 file of a small random collection.
+        fn saved() -> impl Strategy<Value = Vec<u8>> {
+            collection().prop_map(|(eamc, tables, values)| eamc.to_bytes_with(tables, &values))
+        }
+
+        /// A valid version 1 file (no tables) of a small random collection.
+        fn saved_v1() -> impl Strategy<Value = Vec<u8>> {
+            collection().prop_map(|(eamc, _, _)| as_version_1(&eamc.to_bytes()))
+        }
+
+        /// A valid file of either version.
+        fn saved_any() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![saved(), saved_v1()]
         }
 
         fn extreme() -> impl Strategy<Value = u32> {
@@ -905,6 +1215,16 @@ mod tests {
             }
 
             #[test]
+            fn version_1_files_load_as_the_same_collection_without_tables(
+                (eamc, _, _) in collection()
+            ) {
+                let v2 = eamc.to_bytes();
+                let from_v1 = parse(&as_version_1(&v2)).unwrap();
+                prop_assert!(from_v1.affinity().is_none());
+                prop_assert_eq!(from_v1.to_bytes(), v2);
+            }
+
+            #[test]
             fn random_bytes_are_refused(tail in vec(any::<u8>(), 0..160), magic in any::<bool>()) {
                 let mut bytes = if magic { MAGIC.to_vec() } else { Vec::new() };
                 bytes.extend(tail);
@@ -913,7 +1233,7 @@ mod tests {
 
             #[test]
             fn flipped_bits_and_truncations_are_refused(
-                bytes in saved(),
+                bytes in saved_any(),
                 flips in vec((any::<prop::sample::Index>(), 0u8..8), 1..4),
                 cut in any::<prop::sample::Index>(),
                 truncate in any::<bool>(),
@@ -933,8 +1253,8 @@ mod tests {
 
             #[test]
             fn extreme_header_fields_with_a_valid_checksum_are_safe(
-                bytes in saved(),
-                fields in vec((0usize..6, extreme()), 1..4),
+                bytes in saved_any(),
+                fields in vec((0usize..7, extreme()), 1..4),
                 pad in 0usize..64,
             ) {
                 let mut broken = bytes;

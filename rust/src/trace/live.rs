@@ -9,7 +9,7 @@
 //! names them until `end_request`, so their matching follows them across
 //! passes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::sizing;
 use crate::error::{CoreError, Result};
@@ -26,6 +26,8 @@ pub struct LiveTracer {
     /// The current pass's rows, in order: each keyed request's row count.
     /// `None`: rows are split equally among the plain batch's requests.
     layout: Option<Vec<(RequestKey, usize)>>,
+    /// How the router lookahead's predictions compare with the routing.
+    lookahead: LookaheadScore,
 }
 
 impl LiveTracer {
@@ -35,6 +37,7 @@ impl LiveTracer {
             live: Vec::new(),
             keyed: HashMap::new(),
             layout: None,
+            lookahead: LookaheadScore::default(),
         }
     }
 
@@ -118,6 +121,7 @@ impl LiveTracer {
                 ids.len()
             )));
         }
+        self.lookahead.score(layer, ids, top_k);
         if let Some(layout) = &self.layout {
             return record_keyed(&mut self.planner, &self.keyed, layout, layer, ids, top_k);
         }
@@ -142,6 +146,156 @@ impl LiveTracer {
     pub fn plan(&mut self, layer: usize) -> Plan<'_> {
         self.planner.plan(layer)
     }
+
+    /// Router lookahead at `layer`: `ids` holds `depth` blocks of the
+    /// pass's token rows (`top_k` ids each, batch-major), the routing that
+    /// the routers of layers `layer + 1 ..= layer + depth` chose on this
+    /// layer's hidden state. Each block goes to the live requests (split
+    /// as `record` splits) and is kept to be scored against its layer's
+    /// routing.
+    pub fn lookahead(
+        &mut self,
+        layer: usize,
+        ids: &[u32],
+        top_k: usize,
+        depth: usize,
+    ) -> Result<()> {
+        if top_k == 0 || depth == 0 || ids.is_empty() || ids.len() % (top_k * depth) != 0 {
+            return Err(CoreError::Protocol(format!(
+                "{} lookahead ids do not split into {depth} layers of rows of top_k = {top_k}",
+                ids.len()
+            )));
+        }
+        let block = ids.len() / depth;
+        self.lookahead.forget_before(layer);
+        for (d, predicted) in (1..=depth).zip(ids.chunks(block)) {
+            let target = layer + d;
+            self.lookahead.expect(target, d, predicted);
+            self.predict_live(target, predicted, top_k)?;
+        }
+        Ok(())
+    }
+
+    /// Hands one layer's looked-ahead routing to the live requests. Rows
+    /// the plain batch does not divide are the next pass's business (its
+    /// routing starts a new request): not handed on.
+    fn predict_live(&mut self, target: usize, ids: &[u32], top_k: usize) -> Result<()> {
+        if let Some(layout) = &self.layout {
+            return for_each_keyed(&self.keyed, layout, target, ids, top_k, |id, rows| {
+                self.planner.lookahead(id, target, rows, top_k)
+            });
+        }
+        let rows = ids.len() / top_k;
+        if self.live.is_empty() || rows % self.live.len() != 0 {
+            return Ok(());
+        }
+        let per_request = rows / self.live.len() * top_k;
+        for (&request, rows) in self.live.iter().zip(ids.chunks(per_request)) {
+            self.planner.lookahead(request, target, rows, top_k)?;
+        }
+        Ok(())
+    }
+
+    /// The router lookahead's agreement with the routing so far, per
+    /// (distance, target layer), in that order.
+    pub fn lookahead_counts(&self) -> Vec<((usize, usize), LookaheadCounts)> {
+        self.lookahead
+            .counts
+            .iter()
+            .map(|(&key, &counts)| (key, counts))
+            .collect()
+    }
+
+    pub fn reset_lookahead_counts(&mut self) {
+        self.lookahead.counts.clear();
+    }
+}
+
+/// How a router lookahead at distance d compared with its target layer's
+/// routing, summed over the passes scored. Per pass, P is the set of
+/// experts predicted for the layer and U the set it used: precision is
+/// `hits / predicted`, recall `hits / used`; per token, `token_hits` counts
+/// the ids of its predicted row in its real row, out of `token_ids`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookaheadCounts {
+    pub passes: u64,
+    /// |P| summed over passes.
+    pub predicted: u64,
+    /// |U| summed over passes.
+    pub used: u64,
+    /// |P ∩ U| summed over passes.
+    pub hits: u64,
+    pub token_hits: u64,
+    pub token_ids: u64,
+}
+
+/// Predictions waiting for their layer's routing, and the counts so far.
+#[derive(Default)]
+struct LookaheadScore {
+    /// Per target layer: (distance, predicted ids) of the pass under way.
+    pending: Vec<Vec<(usize, Vec<u32>)>>,
+    counts: BTreeMap<(usize, usize), LookaheadCounts>,
+}
+
+impl LookaheadScore {
+    /// Keeps what distance `d` predicts for `layer` (replacing the same
+    /// distance's prediction of an earlier pass that never reached it).
+    fn expect(&mut self, layer: usize, d: usize, ids: &[u32]) {
+        if self.pending.len() <= layer {
+            self.pending.resize_with(layer + 1, Vec::new);
+        }
+        let pending = &mut self.pending[layer];
+        pending.retain(|(distance, _)| *distance != d);
+        pending.push((d, ids.to_vec()));
+    }
+
+    /// Drops predictions for layers before `layer`: a lookahead from there
+    /// means a pass moved past them, and what is left is a stopped pass's
+    /// (`layer`'s own routing comes after its lookahead).
+    fn forget_before(&mut self, layer: usize) {
+        for pending in self.pending.iter_mut().take(layer) {
+            pending.clear();
+        }
+    }
+
+    /// Scores the predictions for `layer` against its routing `ids`.
+    fn score(&mut self, layer: usize, ids: &[u32], top_k: usize) {
+        let Some(pending) = self.pending.get_mut(layer) else {
+            return;
+        };
+        for (d, predicted) in pending.drain(..) {
+            // Another pass's rows (one that stopped before this layer).
+            if predicted.len() != ids.len() {
+                continue;
+            }
+            let counts = self.counts.entry((d, layer)).or_default();
+            add_agreement(counts, &predicted, ids, top_k);
+        }
+    }
+}
+
+/// Adds one pass's agreement between `predicted` and `used` (rows of
+/// `top_k` ids, the same rows) to `counts`.
+fn add_agreement(counts: &mut LookaheadCounts, predicted: &[u32], used: &[u32], top_k: usize) {
+    let distinct = |ids: &[u32]| {
+        let mut set = ids.to_vec();
+        set.sort_unstable();
+        set.dedup();
+        set
+    };
+    let (p, u) = (distinct(predicted), distinct(used));
+    let hits = p.iter().filter(|e| u.binary_search(e).is_ok()).count();
+    let token_hits: usize = predicted
+        .chunks(top_k)
+        .zip(used.chunks(top_k))
+        .map(|(p, u)| p.iter().filter(|e| u.contains(e)).count())
+        .sum();
+    counts.passes += 1;
+    counts.predicted += p.len() as u64;
+    counts.used += u.len() as u64;
+    counts.hits += hits as u64;
+    counts.token_hits += token_hits as u64;
+    counts.token_ids += used.len() as u64;
 }
 
 /// One layer's routing split by the layout's row counts. A request that
@@ -154,6 +308,21 @@ fn record_keyed(
     ids: &[u32],
     top_k: usize,
 ) -> Result<()> {
+    for_each_keyed(keyed, layout, layer, ids, top_k, |id, rows| {
+        planner.observe_rows(id, layer, rows, top_k)
+    })
+}
+
+/// Calls `each` with every live keyed request's rows of `ids`, split by
+/// the layout's row counts (checked against `ids` first).
+fn for_each_keyed(
+    keyed: &HashMap<RequestKey, RequestId>,
+    layout: &[(RequestKey, usize)],
+    layer: usize,
+    ids: &[u32],
+    top_k: usize,
+    mut each: impl FnMut(RequestId, &[u32]) -> Result<()>,
+) -> Result<()> {
     check_rows(
         layout.iter().map(|&(_, rows)| rows).sum(),
         ids.len() / top_k,
@@ -163,7 +332,7 @@ fn record_keyed(
     for &(key, rows) in layout {
         let end = start + rows * top_k;
         if let (Some(&id), true) = (keyed.get(&key), rows > 0) {
-            planner.observe_rows(id, layer, &ids[start..end], top_k)?;
+            each(id, &ids[start..end])?;
         }
         start = end;
     }
@@ -292,6 +461,68 @@ mod tests {
         t.end_request(2).unwrap();
         let error = t.end_request(2).unwrap_err().to_string();
         assert!(error.contains("ended already"), "{error}");
+    }
+
+    #[test]
+    fn a_lookahead_is_scored_against_its_layers_routing_per_distance() {
+        let mut t = tracer(3, 4);
+        t.begin_requests(1).unwrap();
+        // Two token rows, top-1: layer 1 predicted [1, 2], layer 2 [3, 3].
+        t.lookahead(0, &[1, 2, 3, 3], 1, 2).unwrap();
+        t.record(0, &[0, 0], 1).unwrap();
+        t.lookahead(1, &[3, 0], 1, 1).unwrap();
+        t.record(1, &[1, 2], 1).unwrap();
+        t.record(2, &[3, 0], 1).unwrap();
+        let exact = LookaheadCounts {
+            passes: 1,
+            predicted: 2,
+            used: 2,
+            hits: 2,
+            token_hits: 2,
+            token_ids: 2,
+        };
+        // From layer 0, layer 2: {3} of {0, 3}, one token of two.
+        let half = LookaheadCounts {
+            predicted: 1,
+            hits: 1,
+            token_hits: 1,
+            ..exact
+        };
+        assert_eq!(
+            t.lookahead_counts(),
+            vec![((1, 1), exact), ((1, 2), exact), ((2, 2), half)]
+        );
+        t.reset_lookahead_counts();
+        assert!(t.lookahead_counts().is_empty());
+        // A routing without a pending prediction scores nothing.
+        t.record(1, &[1, 2], 1).unwrap();
+        assert!(t.lookahead_counts().is_empty());
+        let error = t.lookahead(0, &[1, 2, 3], 1, 2).unwrap_err().to_string();
+        assert!(error.contains("3 lookahead ids"), "{error}");
+    }
+
+    #[test]
+    fn a_lookahead_reaches_the_planner_per_request_and_stale_ones_are_dropped() {
+        let mut t = tracer(4, 4);
+        t.set_layout(&[7, 9], &[1, 1]).unwrap();
+        t.lookahead(0, &[1, 2], 1, 1).unwrap();
+        let error = t.lookahead(0, &[1, 2, 3], 1, 1).unwrap_err().to_string();
+        assert!(error.contains("gives out 2 token rows"), "{error}");
+        // A pass that stopped after layer 0: its prediction for layer 1 is
+        // dropped when a pass looks ahead from a layer past it.
+        t.lookahead(2, &[0, 0], 1, 1).unwrap();
+        t.record(1, &[1, 2], 1).unwrap();
+        assert!(t.lookahead_counts().is_empty());
+        // Plain batches: rows split equally; an uneven split is not handed on.
+        t.begin_requests(2).unwrap();
+        t.lookahead(0, &[1, 2, 3], 1, 1).unwrap();
+        t.lookahead(0, &[1, 2], 1, 1).unwrap();
+        t.record(0, &[0, 0], 1).unwrap();
+        t.record(1, &[1, 3], 1).unwrap();
+        let [(key, counts)] = t.lookahead_counts()[..] else {
+            panic!("{:?}", t.lookahead_counts());
+        };
+        assert_eq!((key, counts.hits, counts.token_hits), ((1, 1), 1, 1));
     }
 
     #[test]

@@ -10,5 +10,5 @@ pub mod planning;
 pub mod sizing;
 
 pub use eam::ActivationMatrix;
-pub use eamc::{ActivationCollection, Replacement};
+pub use eamc::{ActivationCollection, AffinityTables, Replacement};
 pub use matcher::RequestMatcher;

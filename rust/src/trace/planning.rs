@@ -29,6 +29,13 @@ enum Event {
         top_k: usize,
         timing: Option<Timing>,
     },
+    /// Router lookahead at `layer` for the `depth` layers after it.
+    Lookahead {
+        layer: usize,
+        ids: Vec<u32>,
+        top_k: usize,
+        depth: usize,
+    },
     /// Answered once every earlier event is processed.
     Flush(Sender<()>),
 }
@@ -171,6 +178,22 @@ impl PlanningThread {
         })
     }
 
+    /// Hands a router lookahead over: `depth` blocks of token rows for the
+    /// layers after `layer` (ids checked by the caller; the row count
+    /// against the layout here). Send it before the layer's routing, so
+    /// that the plan after that routing uses it.
+    pub fn lookahead(&self, layer: usize, ids: Vec<u32>, top_k: usize, depth: usize) -> Result<()> {
+        if let (Some(rows), true) = (lock(&self.keyed).rows, top_k > 0 && depth > 0) {
+            check_rows(rows, ids.len() / top_k / depth, layer)?;
+        }
+        self.send(Event::Lookahead {
+            layer,
+            ids,
+            top_k,
+            depth,
+        })
+    }
+
     /// The tracer once every event sent so far is processed.
     pub fn settled(&self) -> Result<MutexGuard<'_, LiveTracer>> {
         let (reply, done) = channel();
@@ -233,6 +256,12 @@ fn serve(
                     newest = Some(layer);
                     tracer.record(layer, &ids, top_k)
                 }
+                Event::Lookahead {
+                    layer,
+                    ids,
+                    top_k,
+                    depth,
+                } => tracer.lookahead(layer, &ids, top_k, depth),
                 Event::Flush(reply) => {
                     flushes.push(reply);
                     Ok(())
@@ -345,6 +374,29 @@ mod tests {
             entries,
             vec![vec![0, 3, 0, 0], vec![1, 0, 0, 0], vec![0, 0, 0, 1]]
         );
+    }
+
+    #[test]
+    fn a_lookahead_is_scored_once_its_layer_routes_and_bad_rows_are_refused_at_once() {
+        let planner = Planner::new(3, 4, PlannerConfig::default()).unwrap();
+        let thread = PlanningThread::spawn(LiveTracer::new(planner), None).unwrap();
+        thread.set_layout(&[1], &[2]).unwrap();
+        let error = thread
+            .lookahead(0, vec![0, 1, 2, 3], 1, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("gives out 2 token rows"), "{error}");
+        thread.lookahead(0, vec![0, 1, 2, 3], 1, 2).unwrap();
+        for (layer, ids) in [(0, vec![3, 3]), (1, vec![0, 1]), (2, vec![2, 0])] {
+            thread.observe(layer, ids, 1, None).unwrap();
+        }
+        let tracer = thread.settled().unwrap();
+        let scored: Vec<_> = tracer
+            .lookahead_counts()
+            .into_iter()
+            .map(|(key, c)| (key, c.hits, c.token_hits))
+            .collect();
+        assert_eq!(scored, vec![((1, 1), 2, 2), ((2, 2), 1, 1)]);
     }
 
     #[test]
