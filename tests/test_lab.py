@@ -301,6 +301,11 @@ BAD_REPLAYS = {
     "group size fp8": (_good, ["--quantize", "fp8", "--group-size", "64"], "--group-size 64 needs"),
     "group size 0": (_good, ["--quantize", "int4", "--group-size", "0"], "--group-size 0 must be a number"),
     "quantize a given size": (_good, ["--quantize", "int4"], "--expert-bytes give the quantized"),
+    "lookahead 0": (_good, ["--lookahead", "0"], "--lookahead 0 must be a number of layers"),
+    "lookahead past the layers": (_good, ["--lookahead", "4000"], "a simulated lookahead of 4000 layers"),
+    "accuracy 1.5": (_good, ["--lookahead", "1", "--lookahead-accuracy", "1.5"], "accuracy 1.5 must"),
+    "accuracy nan": (_good, ["--lookahead", "1", "--lookahead-accuracy", "nan"], "accuracy nan must"),
+    "accuracy alone": (_good, ["--lookahead-accuracy", "0.5"], "--lookahead-accuracy 0.5 needs --lookahead"),
 }
 
 
@@ -321,7 +326,7 @@ def test_every_replay_option_says_what_it_does_and_its_default():
     commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     replay = commands.choices["replay"]
     options = [a for a in replay._actions if a.option_strings and a.dest not in ("help", "verbose")]
-    assert len(options) == 16
+    assert len(options) == 18
     for action in options:
         assert action.help and "(default: " in action.help, action.option_strings
     text = replay.format_help()
@@ -549,6 +554,27 @@ def test_replay_takes_copy_chunk_bytes_and_refuses_a_chunk_of_nothing(tmp_path, 
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("moe-offload: --copy-chunk-bytes 0 must be a byte count"), err
     assert err.count("\n") == 1, err
+
+
+def test_a_simulated_lookahead_reaches_the_replay_and_is_repeatable(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    write_trace(path, Trace(6, 16, 2, "paths", routed_paths(np.random.default_rng(0), 8, 40)))
+    base = ["replay", str(path), "--expert-bytes", str(1 << 20), "--bandwidth-gbps", "20"]
+    base += ["--layer-compute-us", "30", "--warmup", "3", "--capacity", "0.25"]
+    base += ["--policy", "activation-aware", "--json"]
+
+    def aware(*options: str) -> dict:
+        assert cli.main([*base, *options]) == 0
+        report = json.loads(capsys.readouterr().out)
+        return report["params"], report["policies"]["activation-aware"]
+
+    params, exact = aware("--lookahead", "2")
+    assert (params["lookahead"], params["lookahead_accuracy"]) == (2, 1.0)
+    _, history = aware()
+    _, noisy = aware("--lookahead", "2", "--lookahead-accuracy", "0.3")
+    assert exact["prefetch_wasted_per_token"] < noisy["prefetch_wasted_per_token"]
+    assert exact["hit_rate"] > history["hit_rate"]
+    assert aware("--lookahead", "2", "--lookahead-accuracy", "0.3")[1] == noisy, "seeded"
 
 
 V15 = Path(__file__).resolve().parents[1] / "benches" / "results" / "lab"

@@ -146,6 +146,8 @@ def replay(
     cpu_experts: str = "auto",
     progress: Callable[[int], object] | None = None,
     copy_chunk_bytes: int | None = None,
+    lookahead: int | None = None,
+    lookahead_accuracy: float = 1.0,
     **planner: object,
 ) -> dict[str, int | float | list[int]]: ...
 

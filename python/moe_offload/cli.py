@@ -225,6 +225,22 @@ def _replay_parser(commands: argparse._SubParsersAction) -> None:
         "for a whole prefetch copy (default: none, whole copies, as the live cache copies)",
     )
     replay.add_argument(
+        "--lookahead",
+        type=int,
+        metavar="D",
+        help="simulate a router lookahead: at each layer the planner is told the token's routing at the "
+        "next D layers, each expert id right with probability --lookahead-accuracy (traces hold no hidden "
+        "states, so a real lookahead cannot run here) (default: none, history alone)",
+    )
+    replay.add_argument(
+        "--lookahead-accuracy",
+        type=float,
+        default=1.0,
+        metavar="A",
+        help="with --lookahead, the chance that each predicted expert id is the one the token uses "
+        "(default: %(default)s)",
+    )
+    replay.add_argument(
         "--limit", type=int, metavar="N", help="read only the first N requests (default: all of them)"
     )
     replay.add_argument(
@@ -338,6 +354,8 @@ def _replay(args: argparse.Namespace) -> int:
         quantize=args.quantize,
         group_size=args.group_size,
         copy_chunk_bytes=args.copy_chunk_bytes,
+        lookahead=args.lookahead,
+        lookahead_accuracy=args.lookahead_accuracy,
     )
     measured = max(len(trace.requests) - args.warmup, 0)
     with _replay_progress(args.policy, measured) as progress:
@@ -430,6 +448,18 @@ def _check_replay_numbers(args: argparse.Namespace) -> None:
             args.copy_chunk_bytes is None or 1 <= args.copy_chunk_bytes <= MAX_EXPERT_BYTES,
             f"a byte count in 1..{MAX_EXPERT_BYTES} (64 GiB), e.g. 1048576",
         ),
+        (
+            "--lookahead",
+            args.lookahead,
+            args.lookahead is None or 1 <= args.lookahead <= 4096,
+            "a number of layers, at least 1 (and below the trace's layer count)",
+        ),
+        (
+            "--lookahead-accuracy",
+            args.lookahead_accuracy,
+            0 <= args.lookahead_accuracy <= 1,
+            "a probability in [0, 1]",
+        ),
         ("--limit", args.limit, args.limit is None or args.limit >= 1, "a number of requests, at least 1"),
         ("--warmup", args.warmup, args.warmup >= 0, "a number of requests, at least 0"),
         ("--eamc-capacity", args.eamc_capacity, args.eamc_capacity >= 1, "a number of entries, at least 1"),
@@ -449,6 +479,10 @@ def _check_replay_numbers(args: argparse.Namespace) -> None:
     if args.cpu_experts is not None and args.cpu_expert_us is None:
         raise MoeOffloadError(
             f"--cpu-experts {args.cpu_experts} needs --cpu-expert-us T, the CPU's time per expert"
+        )
+    if args.lookahead is None and args.lookahead_accuracy != 1.0:
+        raise MoeOffloadError(
+            f"--lookahead-accuracy {args.lookahead_accuracy} needs --lookahead D, the layers looked ahead"
         )
 
 

@@ -27,6 +27,14 @@ quantized bytes as fast as bf16 ones).
 With `copy_chunk_bytes` a copy moves in chunks of that many bytes, and an
 on-demand copy queued meanwhile starts at the next chunk's boundary instead
 of waiting for a whole prefetch copy (the live cache copies whole experts).
+
+A trace holds routing, not hidden states, so the live router lookahead
+(`patch(lookahead=D)`) cannot run here. With `lookahead` the replay
+simulates one: at each layer the planner is told the token's routing at
+the next `lookahead` layers, each id right with probability
+`lookahead_accuracy` and otherwise an expert the token does not use there.
+It shows what a lookahead of that accuracy would buy; the accuracy a real
+model's routers reach is measured live (`stats()["lookahead"]`), not here.
 """
 
 from __future__ import annotations
@@ -107,6 +115,10 @@ class LabParams:
     # Copies split into chunks of this many bytes, between which an on-demand
     # copy may start ahead of a prefetch; None: whole copies, as the live cache.
     copy_chunk_bytes: int | None = None
+    # A simulated router lookahead: the next `lookahead` layers' routing of
+    # each token told to the planner, each id right with `lookahead_accuracy`.
+    lookahead: int | None = None
+    lookahead_accuracy: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +224,8 @@ def run(
         cpu_expert_s=None if cpu_us is None else cpu_us * 1e-6,
         cpu_experts=params.cpu_experts,
         copy_chunk_bytes=params.copy_chunk_bytes,
+        lookahead=params.lookahead,
+        lookahead_accuracy=params.lookahead_accuracy,
         **planner,
     )
     results = {}

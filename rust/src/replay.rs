@@ -59,6 +59,18 @@ pub struct ReplayConfig {
     /// for a running prefetch's chunk only (a model of a copy engine fed in
     /// chunks; the live cache copies whole experts); `None`: whole copies.
     pub copy_chunk_bytes: Option<u64>,
+    /// A simulated router lookahead (the trace has no hidden states): at
+    /// each layer the planner is told the token's routing at the next
+    /// `depth` layers of the token, each id kept with probability
+    /// `accuracy` and otherwise swapped for an expert the token does not
+    /// use there. `None`: history alone, as without router lookahead.
+    pub lookahead: Option<SimulatedLookahead>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimulatedLookahead {
+    pub depth: usize,
+    pub accuracy: f64,
 }
 
 /// What one policy did over the replay.
@@ -282,6 +294,44 @@ impl CopyEngine {
     }
 }
 
+/// Tells the planner, through `look`, the routing of `request`'s `token`
+/// at the layers after `layer` (within the token) that a router
+/// lookahead of the given depth and accuracy would predict: each true id
+/// kept with probability `accuracy`, else replaced by an expert the token
+/// does not use there (so a miss is a real miss).
+fn simulate_lookahead(
+    config: &ReplayConfig,
+    lookahead: &SimulatedLookahead,
+    request: &Routing,
+    token: usize,
+    layer: usize,
+    rng: &mut fastrand::Rng,
+    look: &mut impl FnMut(usize, &[u32]) -> Result<()>,
+) -> Result<()> {
+    let k = config.top_k;
+    let mut predicted = Vec::with_capacity(k);
+    for target in layer + 1..(layer + 1 + lookahead.depth).min(config.layers) {
+        let start = (token * config.layers + target) * k;
+        let actual = &request.ids[start..start + k];
+        predicted.clear();
+        for &e in actual {
+            if rng.f64() < lookahead.accuracy || k >= config.experts {
+                predicted.push(e);
+                continue;
+            }
+            let wrong = loop {
+                let candidate = rng.u32(..config.experts as u32);
+                if !actual.contains(&candidate) && !predicted.contains(&candidate) {
+                    break candidate;
+                }
+            };
+            predicted.push(wrong);
+        }
+        look(target, &predicted)?;
+    }
+    Ok(())
+}
+
 /// One chunk's copy time, where copies go in chunks smaller than an expert.
 fn chunk_s(config: &ReplayConfig) -> Option<f64> {
     let chunk = config.copy_chunk_bytes?.min(config.expert_bytes);
@@ -361,6 +411,8 @@ pub fn replay_with_progress(
     let mut steps = 0usize;
     let mut predictor = PredictorScore::default();
     let mut ids: Vec<ExpertId> = Vec::with_capacity(config.top_k);
+    // Seeded: a replay is repeatable.
+    let mut rng = fastrand::Rng::with_seed(0x6d6f_652d_6f66_666c);
     for (done, request) in requests.iter().enumerate() {
         let id: Option<RequestId> = planner.as_mut().map(|p| p.begin_request());
         for_each_layer(config, request, |token, layer, experts| {
@@ -380,6 +432,14 @@ pub fn replay_with_progress(
             // The router's choice is known before the experts are fetched:
             // plan first, so evictions see this layer's routing.
             if let (Some(id), Some(planner)) = (id, planner.as_mut()) {
+                if let Some(lookahead) = &config.lookahead {
+                    let mut look = |target: usize, rows: &[u32]| {
+                        planner.lookahead(id, target, rows, config.top_k)
+                    };
+                    simulate_lookahead(
+                        config, lookahead, request, token, layer, &mut rng, &mut look,
+                    )?;
+                }
                 planner.observe(id, layer, experts)?;
                 let depth = planner.prefetch_depth();
                 let prefetch = planner.plan(layer).1;
@@ -700,6 +760,17 @@ fn validate<'a>(
             config.layer_compute_s
         ));
     }
+    if let Some(l) = config.lookahead {
+        if l.depth == 0 || l.depth >= layers || !(0.0..=1.0).contains(&l.accuracy) {
+            return invalid(format!(
+                "a simulated lookahead of {} layers at accuracy {} needs 1 to {} layers and an \
+                 accuracy in [0, 1]",
+                l.depth,
+                l.accuracy,
+                layers.saturating_sub(1)
+            ));
+        }
+    }
     if config.copy_chunk_bytes == Some(0) {
         return invalid(
             "copy_chunk_bytes 0: a chunk must hold at least one byte (or none: whole copies)"
@@ -795,6 +866,7 @@ mod tests {
             cpu_expert_s: None,
             cpu_experts: CpuExperts::Auto,
             copy_chunk_bytes: None,
+            lookahead: None,
         }
     }
 
@@ -1022,6 +1094,50 @@ mod tests {
             }
         }
         ids
+    }
+
+    #[test]
+    fn a_simulated_lookahead_buys_what_its_accuracy_allows() {
+        // Routing drawn at random: history cannot predict it, a lookahead can.
+        let config = ReplayConfig {
+            layers: 6,
+            experts: 16,
+            top_k: 2,
+            slots: 24,
+            ..config(4)
+        };
+        let ids = random_routing(300, 6, 16, 2, 5);
+        let routing = [Routing {
+            tokens: 300,
+            ids: &ids,
+        }];
+        let run = |depth: usize, accuracy: f64| {
+            let lookahead = (depth > 0).then_some(SimulatedLookahead { depth, accuracy });
+            let config = ReplayConfig {
+                lookahead,
+                ..config.clone()
+            };
+            replay("activation-aware", &config, &routing, &[])
+        };
+        let history = run(0, 1.0).unwrap();
+        let exact = run(2, 1.0).unwrap();
+        let half = run(2, 0.5).unwrap();
+        assert!(
+            exact.prefetch_hits > 2 * history.prefetch_hits.max(1),
+            "{exact:?} {history:?}"
+        );
+        assert!(
+            exact.prefetch_wasted * 5 < exact.prefetch_copies,
+            "{exact:?}"
+        );
+        assert!(exact.stall_s < half.stall_s && half.stall_s < history.stall_s);
+        assert!(half.prefetch_wasted > exact.prefetch_wasted);
+        // Seeded: the same replay twice gives the same figures.
+        assert_eq!(run(2, 0.5).unwrap(), half);
+        for (depth, accuracy) in [(6, 1.0), (2, 1.5), (2, f64::NAN)] {
+            let err = run(depth, accuracy).unwrap_err().to_string();
+            assert!(err.contains("simulated lookahead"), "{err}");
+        }
     }
 
     fn with_cpu(config: &ReplayConfig, cpu_expert_s: f64) -> ReplayConfig {

@@ -12,7 +12,9 @@ use pyo3::types::PyDict;
 
 use super::errors::to_py;
 use crate::execution::CpuExperts;
-use crate::replay::{replay_with_progress as run_replay, ReplayConfig, Routing};
+use crate::replay::{
+    replay_with_progress as run_replay, ReplayConfig, Routing, SimulatedLookahead,
+};
 use crate::trace::{ActivationCollection, ActivationMatrix, Replacement, RequestMatcher};
 
 type RawRouting = (usize, usize, usize);
@@ -39,13 +41,14 @@ fn routings(raw: &[RawRouting]) -> Vec<Routing<'_>> {
 /// second executor, with misses placed by `cpu_experts` ("auto", "always"
 /// or "never"); see `replay.rs`. `copy_chunk_bytes` models copies in chunks
 /// that an on-demand copy can get between (the live cache copies whole
-/// experts). `progress(done)` is called after each
+/// experts). `lookahead` (layers) simulates a router lookahead whose ids
+/// are right with probability `lookahead_accuracy` (see `replay.rs`). `progress(done)` is called after each
 /// measured request; an exception it raises (KeyboardInterrupt included)
 /// stops the replay and is raised here.
 #[pyfunction]
 #[pyo3(signature = (policy, requests, warmup, *, layers, experts, top_k, slots, expert_bytes,
     bandwidth_bytes_per_s, layer_compute_s, cpu_expert_s=None, cpu_experts="auto", progress=None,
-    copy_chunk_bytes=None, **planner))]
+    copy_chunk_bytes=None, lookahead=None, lookahead_accuracy=1.0, **planner))]
 #[allow(clippy::too_many_arguments)]
 pub fn replay<'py>(
     py: Python<'py>,
@@ -63,6 +66,8 @@ pub fn replay<'py>(
     cpu_experts: &str,
     progress: Option<Py<PyAny>>,
     copy_chunk_bytes: Option<u64>,
+    lookahead: Option<usize>,
+    lookahead_accuracy: f64,
     planner: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let config = ReplayConfig {
@@ -77,6 +82,10 @@ pub fn replay<'py>(
         cpu_expert_s,
         cpu_experts: CpuExperts::parse(cpu_experts).map_err(to_py)?,
         copy_chunk_bytes,
+        lookahead: lookahead.map(|depth| SimulatedLookahead {
+            depth,
+            accuracy: lookahead_accuracy,
+        }),
     };
     let mut raised = None;
     let on_request = |done: usize| {
