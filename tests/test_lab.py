@@ -589,3 +589,16 @@ def test_the_prefetch_figures_at_25_percent_match_the_published_run():
     ours, theirs = report["policies"]["activation-aware"], published["policies"]["activation-aware"]
     for key in ("hit_rate", "prefetch_precision", "prefetch_recall"):
         assert ours[key] == pytest.approx(theirs[key], abs=0.005), key
+
+
+@needs_traces
+def test_the_simulated_lookahead_figures_at_25_percent_match_the_published_run():
+    """The committed run with a simulated lookahead (4 layers, 80% of the ids
+    right): the replay at this tree gives its activation-aware figures."""
+    published = json.loads((V15 / "deepseek-v2-lite-cap0.25-v15-lookahead4-acc0.8.json").read_text())
+    params = lab.LabParams(capacity=0.25, warmup=849, lookahead=4, lookahead_accuracy=0.8)
+    report = lab.run(deepseek_trace(None), ["activation-aware"], params)
+    ours, theirs = report["policies"]["activation-aware"], published["policies"]["activation-aware"]
+    for key in ("hit_rate", "prefetch_precision", "prefetch_recall", "stall_ms_per_token"):
+        assert ours[key] == pytest.approx(theirs[key], rel=0.01), key
+    assert ours["predictor_precision"] == pytest.approx([0.8] * 4, abs=0.01)
