@@ -46,11 +46,12 @@ impl LiveTracer {
     }
 
     /// Bytes one live request takes: its matcher's two floats per EAMC
-    /// entry, and its activation counts and recent activations (L×E each).
+    /// entry, and its activation counts, recent activations and router
+    /// lookahead (at most one distribution per layer): L×E each.
     pub fn request_bytes(&self) -> usize {
         let eamc = self.planner.collection();
         let cells = eamc.layers() * eamc.experts();
-        (2 * eamc.capacity() + 2 * cells) * 4 + eamc.layers()
+        (2 * eamc.capacity() + 3 * cells) * 4 + eamc.layers()
     }
 
     pub fn set_timing(&mut self, timing: Timing) {
