@@ -224,6 +224,11 @@ def test_the_core_checks_a_lookahead_like_a_routing() -> None:
         cache.lookahead(0, [0, 1, 2], 2, 2)
     with pytest.raises(MoeOffloadError, match="unknown expert 4 of MoE layer 2"):
         cache.lookahead(0, [0, 4], 1, 2)
+    # Sizes whose products overflow are refused, not a panic.
+    with pytest.raises(MoeOffloadError, match="reaches past the last"):
+        cache.lookahead(2, [0], 1, 2**64 - 2)
+    with pytest.raises(MoeOffloadError, match="do not split into 2 layers"):
+        cache.lookahead(0, [0], 2**63, 2)
     cache.lookahead(0, [0, 1, 2, 3], 1, 2)
     cache.observe(0, [3, 3], 1)
     cache.observe(1, [0, 1], 1)

@@ -231,7 +231,8 @@ class RequestTracker:
         (layers, tokens, top_k), so that the plan made after the routing
         uses them."""
         top_k = routing.shape[-1]
-        if predicted is not None and len(predicted):
+        # A pass of no tokens has nothing to look ahead for (nor to route).
+        if predicted is not None and predicted.size:
             self.cache.lookahead(layer, predicted.ravel().tolist(), top_k, len(predicted))
         self.cache.observe(layer, routing.ravel().tolist(), top_k)
         if self.recorder is not None:

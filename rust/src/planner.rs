@@ -403,6 +403,16 @@ impl Planner {
         Ok(())
     }
 
+    /// Drops every live request's router lookahead for the layers past
+    /// `last`: a pass that looks at most that far made none of them, so
+    /// they are left from a pass that ended (an exception, an interrupt)
+    /// before it reached those layers.
+    pub fn forget_lookahead_past(&mut self, last: usize) {
+        for request in self.live.iter_mut().flatten() {
+            request.lookahead.retain(|(layer, _)| *layer <= last);
+        }
+    }
+
     /// Blends the request's router lookahead for `layer`, if any, into
     /// its predicted shares there.
     fn blend_lookahead(&self, request: &LiveRequest, layer: usize, share: &mut [f32]) {
@@ -854,6 +864,17 @@ mod tests {
         // layer 2 (a whole token ahead) is predicted from history again.
         planner.observe(now, 2, &[2]).unwrap();
         assert_eq!(first_of_layer_two(&mut planner, 2), Some(2 * 4 + 2));
+        // A lookahead a pass left behind (it ended before layer 3) is
+        // dropped when the next pass looks no further than layer 2.
+        let first_of_layer_three = |planner: &mut Planner| {
+            let (_, best) = planner.plan(0);
+            best.iter().map(|&(id, _)| id).find(|&id| id / 4 == 3)
+        };
+        let before = first_of_layer_three(&mut planner);
+        planner.lookahead(now, 3, &[1], 1).unwrap();
+        assert_eq!(first_of_layer_three(&mut planner), Some(3 * 4 + 1));
+        planner.forget_lookahead_past(2);
+        assert_eq!(first_of_layer_three(&mut planner), before);
         for (layer, rows, top_k) in [(4, &[0u32][..], 1), (1, &[4], 1), (1, &[0, 1, 2], 2)] {
             let error = planner.lookahead(now, layer, rows, top_k).unwrap_err();
             assert!(error.to_string().contains("lookahead of"), "{error}");

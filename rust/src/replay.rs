@@ -298,7 +298,7 @@ impl CopyEngine {
 /// at the layers after `layer` (within the token) that a router
 /// lookahead of the given depth and accuracy would predict: each true id
 /// kept with probability `accuracy`, else replaced by an expert the token
-/// does not use there (so a miss is a real miss).
+/// does not use there (so a miss is a real miss), while one is left.
 fn simulate_lookahead(
     config: &ReplayConfig,
     lookahead: &SimulatedLookahead,
@@ -310,22 +310,19 @@ fn simulate_lookahead(
 ) -> Result<()> {
     let k = config.top_k;
     let mut predicted = Vec::with_capacity(k);
+    let mut unused = Vec::with_capacity(config.experts);
     for target in layer + 1..(layer + 1 + lookahead.depth).min(config.layers) {
         let start = (token * config.layers + target) * k;
         let actual = &request.ids[start..start + k];
+        unused.clear();
+        unused.extend((0..config.experts as u32).filter(|e| !actual.contains(e)));
         predicted.clear();
         for &e in actual {
-            if rng.f64() < lookahead.accuracy || k >= config.experts {
+            if rng.f64() < lookahead.accuracy || unused.is_empty() {
                 predicted.push(e);
-                continue;
+            } else {
+                predicted.push(unused.swap_remove(rng.usize(..unused.len())));
             }
-            let wrong = loop {
-                let candidate = rng.u32(..config.experts as u32);
-                if !actual.contains(&candidate) && !predicted.contains(&candidate) {
-                    break candidate;
-                }
-            };
-            predicted.push(wrong);
         }
         look(target, &predicted)?;
     }
@@ -1134,6 +1131,23 @@ mod tests {
         assert!(half.prefetch_wasted > exact.prefetch_wasted);
         // Seeded: the same replay twice gives the same figures.
         assert_eq!(run(2, 0.5).unwrap(), half);
+        // Fewer experts than twice the top-k: a wrong id runs out of
+        // experts to name, and the true one stands.
+        let narrow = ReplayConfig {
+            experts: 3,
+            slots: 6,
+            lookahead: Some(SimulatedLookahead {
+                depth: 2,
+                accuracy: 0.0,
+            }),
+            ..config.clone()
+        };
+        let ids = random_routing(20, 6, 3, 2, 7);
+        let narrow_routing = [Routing {
+            tokens: 20,
+            ids: &ids,
+        }];
+        replay("activation-aware", &narrow, &narrow_routing, &[]).unwrap();
         for (depth, accuracy) in [(6, 1.0), (2, 1.5), (2, f64::NAN)] {
             let err = run(depth, accuracy).unwrap_err().to_string();
             assert!(err.contains("simulated lookahead"), "{err}");

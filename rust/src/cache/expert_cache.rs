@@ -680,14 +680,15 @@ impl ExpertCache {
             return Ok(());
         };
         let layers = self.layout().num_layers();
-        if depth == 0 || layer as usize + depth >= layers {
+        if depth == 0 || (layer as usize).saturating_add(depth) >= layers {
             return Err(CoreError::Protocol(format!(
                 "a lookahead of depth {depth} at layer {layer} reaches past the last of {layers} \
                  MoE layers; look at most {} layers ahead from there",
                 layers.saturating_sub(layer as usize + 1)
             )));
         }
-        if top_k == 0 || ids.is_empty() || ids.len() % (top_k * depth) != 0 {
+        let rows_of_all = top_k.checked_mul(depth).filter(|&n| n > 0);
+        if rows_of_all.is_none_or(|n| ids.is_empty() || ids.len() % n != 0) {
             return Err(CoreError::Protocol(format!(
                 "{} lookahead ids of layer {layer} do not split into {depth} layers of rows of \
                  top_k = {top_k}",

@@ -161,7 +161,8 @@ impl LiveTracer {
         top_k: usize,
         depth: usize,
     ) -> Result<()> {
-        if top_k == 0 || depth == 0 || ids.is_empty() || ids.len() % (top_k * depth) != 0 {
+        let rows_of_all = top_k.checked_mul(depth).filter(|&n| n > 0);
+        if rows_of_all.is_none_or(|n| ids.is_empty() || ids.len() % n != 0) {
             return Err(CoreError::Protocol(format!(
                 "{} lookahead ids do not split into {depth} layers of rows of top_k = {top_k}",
                 ids.len()
@@ -169,6 +170,8 @@ impl LiveTracer {
         }
         let block = ids.len() / depth;
         self.lookahead.forget_before(layer);
+        self.planner
+            .forget_lookahead_past(layer.saturating_add(depth));
         for (d, predicted) in (1..=depth).zip(ids.chunks(block)) {
             let target = layer + d;
             self.lookahead.expect(target, d, predicted);
