@@ -66,7 +66,8 @@ class Served:
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return {m[1]: float(m[2]) for m in re.finditer(r"^(moe_offload_\w+) (\S+)$", text, re.M)}
+        pattern = r"^(moe_offload_\w+(?:\{[^}]*\})?) (\S+)$"
+        return {m[1]: float(m[2]) for m in re.finditer(pattern, text, re.M)}
 
 
 def _free_port() -> int:
@@ -215,6 +216,7 @@ def test_concurrent_requests_get_what_the_model_gives_each_alone(served: Served)
         assert usage.total_tokens == len(job["ids"]) + len(want)
     metrics = served.metrics()
     assert metrics["moe_offload_requests_running"] == 0
+    assert not any(name.startswith("moe_offload_lookahead") for name in metrics), "lookahead is off"
     # Each request traced on its own, though batched (see the SIGTERM test).
     assert metrics["moe_offload_eamc_requests"] == eamc_before + len(jobs)
     served.traced = [(job["ids"], job["max_tokens"]) for job in jobs]
@@ -230,6 +232,9 @@ def test_deepseek_latent_attention_is_served_batched_as_alone(tmp_path: Path) ->
             results = list(pool.map(lambda job: _complete(served, job), jobs))
         for job, got in zip(jobs, results, strict=True):
             assert got["tokens"] == _expected(served.model, job["ids"], job["max_tokens"]), job
+        # The lookahead reached the core and was scored one layer ahead.
+        precision = served.metrics()['moe_offload_lookahead_precision{distance="1"}']
+        assert 0.0 <= precision <= 1.0
 
 
 def _sampled(served: Served, seed: int | None, temperature: float = 1.5) -> list[int]:

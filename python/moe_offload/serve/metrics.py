@@ -91,4 +91,22 @@ class Metrics:
                 metric(f"offload_{key}_total", "counter", help_text, stats[key])
             metric("offload_hit_rate", "gauge", "hits / (hits + misses)", stats["hit_rate"])
             metric("eamc_requests", "gauge", "requests whose activation matrix the EAMC holds", eamc_size())
+            if stats.get("lookahead") is not None:
+                lines.extend(_lookahead_lines(stats["lookahead"]))
         return "\n".join(lines) + "\n"
+
+
+def _lookahead_lines(lookahead: dict[str, Any]) -> list[str]:
+    """The router lookahead's precision and recall, one gauge each per
+    look-ahead distance (a distance nothing was scored at yet is left out)."""
+    lines: list[str] = []
+    for key, help_text in (
+        ("precision", "share of the experts the router lookahead predicted that the layer used"),
+        ("recall", "share of the experts a layer used that the router lookahead predicted"),
+    ):
+        full = f"{PREFIX}_lookahead_{key}"
+        lines += [f"# HELP {full} {help_text}", f"# TYPE {full} gauge"]
+        for distance, value in enumerate(lookahead[key], start=1):
+            if value is not None:
+                lines.append(f'{full}{{distance="{distance}"}} {value}')
+    return lines
