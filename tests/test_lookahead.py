@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import transformers as tf
 from tiny_models import FAMILIES, build, expert_bytes, greedy, prompt
+from torch import nn
 
 import moe_offload
 from moe_offload import MoeOffloadError, UnsupportedModelError, _core
+from moe_offload.lookahead import find_routers
 from moe_offload.runtime import RequestTracker
 
 FUSED = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "olmoe", "gpt_oss"]
@@ -244,3 +247,11 @@ def test_the_core_checks_a_lookahead_like_a_routing() -> None:
             n_slots=4,
             lookahead_weight=2.0,
         )
+
+
+def test_lookahead_is_refused_where_the_moe_layers_differ_in_width() -> None:
+    """The planner that takes the lookahead needs one expert count for
+    every MoE layer: a model without it is refused, not silently ignored."""
+    blocks = [SimpleNamespace(num_experts=n, layout="fused") for n in (8, 16)]
+    with pytest.raises(UnsupportedModelError, match="have 8, 16; patch it without lookahead"):
+        find_routers(nn.Module(), blocks, 1)

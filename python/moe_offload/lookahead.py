@@ -75,6 +75,12 @@ def find_routers(model: nn.Module, blocks: Sequence[ExpertBlock], depth: int) ->
             f"lookahead={depth} is out of range for this model: it has {len(blocks)} MoE layers, so a layer "
             f"can look at most {len(blocks) - 1} ahead"
         )
+    widths = sorted({block.num_experts for block in blocks})
+    if len(widths) > 1:
+        raise UnsupportedModelError(
+            f"router lookahead feeds the prefetch planner, which needs as many experts in every MoE layer; "
+            f"this model's MoE layers have {', '.join(map(str, widths))}; patch it without lookahead"
+        )
     return RouterLookahead(tuple(_router_of(model, block) for block in blocks), depth)
 
 

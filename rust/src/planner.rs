@@ -336,13 +336,21 @@ impl Planner {
                 continue;
             }
             let base = ((d - 1) * layers + before_layer) * experts * experts;
+            let mut full = false;
             for (before, after) in before.chunks(top_k).zip(rows.chunks(top_k)) {
                 for &a in before {
                     let row = base + a as usize * experts;
                     for &b in after {
-                        self.affinity[row + b as usize] += 1.0;
+                        let count = &mut self.affinity[row + b as usize];
+                        *count += 1.0;
+                        full |= *count >= AFFINITY_COUNT_LIMIT;
                     }
                 }
+            }
+            if full {
+                // Halved, the table keeps its proportions and room to count.
+                let table = &mut self.affinity[base..base + experts * experts];
+                table.iter_mut().for_each(|c| *c *= 0.5);
             }
         }
         let kept = self.affinity_tables.max(1);
@@ -625,6 +633,10 @@ impl Planner {
     }
 }
 
+/// Where a co-activation table is halved: f32 counts stop growing by one
+/// at 2^24, and the tables persist in the EAMC file across restarts.
+const AFFINITY_COUNT_LIMIT: f32 = (1u32 << 23) as f32;
+
 /// Direct affinity tables kept: one per distance up to the horizon, and
 /// none reaching past the last layer (a token's next layers only).
 fn affinity_tables(config: &PlannerConfig, layers: usize) -> usize {
@@ -890,6 +902,20 @@ mod tests {
         };
         let error = Planner::new(2, 4, config).err().unwrap().to_string();
         assert!(error.contains("lookahead_weight=1.5"), "{error}");
+    }
+
+    #[test]
+    fn a_co_activation_table_near_the_f32_limit_is_halved_keeping_its_proportions() {
+        let mut planner = Planner::new(2, 4, PlannerConfig::default()).unwrap();
+        // Layer 0 -> 1: expert 0 led to 1 three times as often as to 2.
+        planner.affinity[1] = AFFINITY_COUNT_LIMIT - 1.0;
+        planner.affinity[2] = (AFFINITY_COUNT_LIMIT - 1.0) / 3.0;
+        let r = planner.begin_request();
+        planner.observe(r, 0, &[0]).unwrap();
+        planner.observe(r, 1, &[1]).unwrap();
+        let (ones, twos) = (planner.affinity[1], planner.affinity[2]);
+        assert_eq!(ones, AFFINITY_COUNT_LIMIT / 2.0);
+        assert!((ones / twos - 3.0).abs() < 1e-3, "{ones} {twos}");
     }
 
     #[test]
