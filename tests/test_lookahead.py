@@ -125,6 +125,27 @@ def test_with_the_hidden_state_unchanged_the_lookahead_is_the_routing(family: st
         assert stats["layer_precision"][target] == stats["layer_recall"][target] == expected
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FUSED)
+def test_on_a_gpu_the_lookahead_is_the_routing_and_the_tokens_are_the_models(family: str) -> None:
+    """The CUDA path: the routers ahead run on the device and their choices
+    come back in the routing's copy, still exact on a still model; on an
+    ordinary one the patched model still gives the plain model's tokens."""
+    for model, exact in ((still_model(family), True), (deep_model(family), False)):
+        model = model.to("cuda")
+        inputs = {name: tensor.to("cuda") for name, tensor in prompt(family).items()}
+        plain, _ = greedy(model, inputs, NEW_TOKENS)
+        budget = int(0.25 * expert_bytes(model))
+        offloader = moe_offload.patch(model, device="cuda", device_budget=budget, lookahead=DEPTH)
+        tokens, _ = greedy(model, inputs, NEW_TOKENS)
+        stats = offloader.stats()["lookahead"]
+        moe_offload.unpatch(model)
+        assert torch.equal(tokens, plain), family
+        assert all(p is not None for p in stats["precision"]), stats
+        if exact:
+            assert stats["precision"] == stats["recall"] == [1.0] * DEPTH, stats
+
+
 @pytest.mark.parametrize("family", FUSED)
 def test_on_an_ordinary_model_the_lookahead_errs_and_the_tokens_are_the_models(family: str) -> None:
     model = deep_model(family)
