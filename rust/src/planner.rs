@@ -70,8 +70,9 @@ impl Default for PlannerConfig {
             // tables; stall 27.8 / 24.8 / 24.6 / 24.5 / 24.5 ms per token.
             affinity_horizon: 4,
             reuse_weight: 0.2,
-            // Measured with the lab's simulated lookahead (DeepSeek-V2-Lite,
-            // 25% cached, 4 layers ahead, 80% of the ids right): stall
+            // Measured with the lab's simulated lookahead at 6f65b87
+            // (DeepSeek-V2-Lite, 25% cached, 4 layers ahead, 80% of the ids
+            // right): stall
             // 0.715 / 0.711 / 0.714 / 0.731 / 0.755 / 0.873x LRU's with
             // 0.1 / 0.2 / 0.3 / 0.5 / 0.8 / 1.0 (0.686 / 0.696 / 0.701x at
             // 0.3 / 0.5 / 0.65 with every id right).

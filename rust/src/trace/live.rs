@@ -135,12 +135,9 @@ impl LiveTracer {
         if rows % self.live.len() != 0 {
             self.begin_requests(1)?;
         }
-        let per_request = rows / self.live.len();
-        for (i, &request) in self.live.iter().enumerate() {
-            let rows = &ids[i * per_request * top_k..(i + 1) * per_request * top_k];
-            self.planner.observe_rows(request, layer, rows, top_k)?;
-        }
-        Ok(())
+        for_each_plain(&self.live, ids, top_k, |request, rows| {
+            self.planner.observe_rows(request, layer, rows, top_k)
+        })
     }
 
     /// Retention scores and prefetch candidates for the layers after `layer`.
@@ -193,11 +190,9 @@ impl LiveTracer {
         if self.live.is_empty() || rows % self.live.len() != 0 {
             return Ok(());
         }
-        let per_request = rows / self.live.len() * top_k;
-        for (&request, rows) in self.live.iter().zip(ids.chunks(per_request)) {
-            self.planner.lookahead(request, target, rows, top_k)?;
-        }
-        Ok(())
+        for_each_plain(&self.live, ids, top_k, |request, rows| {
+            self.planner.lookahead(request, target, rows, top_k)
+        })
     }
 
     /// The router lookahead's agreement with the routing so far, per
@@ -315,6 +310,22 @@ fn record_keyed(
     for_each_keyed(keyed, layout, layer, ids, top_k, |id, rows| {
         planner.observe_rows(id, layer, rows, top_k)
     })
+}
+
+/// Calls `each` with every request of the plain batch `live` and its
+/// equal share of the token rows of `ids` (which the batch divides), in
+/// order.
+fn for_each_plain(
+    live: &[RequestId],
+    ids: &[u32],
+    top_k: usize,
+    mut each: impl FnMut(RequestId, &[u32]) -> Result<()>,
+) -> Result<()> {
+    let share = ids.len() / top_k / live.len() * top_k;
+    for (i, &request) in live.iter().enumerate() {
+        each(request, &ids[i * share..(i + 1) * share])?;
+    }
+    Ok(())
 }
 
 /// Calls `each` with every live keyed request's rows of `ids`, split by
